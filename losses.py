@@ -1,0 +1,259 @@
+"""The SPCL losses: Eq. 1-5 of Mo, Sun and Li, "Siamese Prototypical Contrastive Learning",
+BMVC 2021 (https://arxiv.org/abs/2208.08819). Imports only torch; copy this file as it is.
+
+    nt_xent               Eq. 1-2  SimCLR's contrastive loss, negatives from every rank
+    siamese_metric_loss   Eq. 3    binary "same prototype?" on |h_a - h_b| (Koch et al. 2015)
+    siamese_pairs                  the view pairs Eq. 3 is applied to in a SPCL batch
+    prototype_ce          Eq. 4    cross-entropy against the k-means pseudo labels
+    symmetric_ce          Eq. 4    its symmetric variant (Wang et al. 2019, "SCE")
+    spcl_loss             Eq. 5    the weighted sum, skipping every term whose weight is 0
+
+Every function checks its input and raises ValueError with a message that says what is wrong;
+the checks cost one host-device synchronisation per call.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _check(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_finite(name, *tensors):
+    # One reduction and one sync for all tensors; the message names the culprit.
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise ValueError(f"{name}: input contains NaN or Inf (a diverged model or bad data upstream)")
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather that is differentiable: [n, ...] on each of W ranks -> [W*n, ...] on every rank.
+
+    A plain all_gather returns tensors without history, so the other ranks' embeddings would act
+    as constants and their share of the gradient would be lost (the classic bug of SimCLR ports).
+    The backward sums every rank's gradient for each slice and returns the local slice to its
+    owner (a reduce-scatter), which is the exact gradient of the sum of all ranks' losses.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size()
+        local = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return local
+
+
+def gather_with_grad(x):
+    """Concatenate x [n, ...] over all ranks in rank order -> [W*n, ...], keeping gradients."""
+    if not _distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def nt_xent(z1, z2, temperature=0.5):
+    """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR): the mean over all 2M views of the global batch of
+
+        l_i = -log( exp(sim(z_i, z_i') / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
+
+    where i' is the other view of the same image and k runs over all 2M views of all ranks.
+
+    Args:
+        z1, z2: [B, D], the two views of this rank's B images (row j of z1 and z2: image j).
+        temperature: t > 0.
+
+    Returns:
+        scalar, the loss of the GLOBAL batch (identical on every rank).
+
+    Under torch.distributed every rank scores its own 2B anchors against all 2BW views, and the
+    other ranks' views carry gradients back to their owners. The gradient of the returned value on
+    each rank is that of its local anchors' mean, so DDP's averaging of parameter gradients gives
+    exactly the gradient of the global loss: world size W with B per rank equals world size 1
+    with B*W (same loss, same gradients). All ranks must pass the same B.
+    """
+    _check(z1.dim() == 2 and z1.shape == z2.shape,
+           f"nt_xent: z1 and z2 must both be [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    _check(z1.shape[0] >= 2, f"nt_xent: needs at least 2 images per rank (got B={z1.shape[0]}): "
+                             "with one image the only candidate is the positive")
+    _check(temperature > 0, f"nt_xent: temperature must be > 0, got {temperature}")
+    _check_finite("nt_xent", z1, z2)
+
+    B = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)              # 2B x D, unit rows
+    z_all = gather_with_grad(z)                              # 2BW x D, rank r's rows at r*2B
+    rank = dist.get_rank() if _distributed() else 0
+    offset = rank * 2 * B
+    # Scaling the 2B x D side by 1/t is cheaper than dividing the 2B x 2BW logits.
+    logits = (z / temperature) @ z_all.T                     # 2B x 2BW
+    logits.diagonal(offset).fill_(float("-inf"))             # k != i: drop each view's self-similarity
+    local = torch.arange(2 * B, device=z.device)
+    positives = offset + (local + B) % (2 * B)               # column of the other view, i'
+    loss = F.cross_entropy(logits, positives)
+    if _distributed():
+        # Report the global mean while keeping the local gradient (see the docstring).
+        global_mean = loss.detach().clone()
+        dist.all_reduce(global_mean)
+        global_mean /= dist.get_world_size()
+        loss = loss + (global_mean - loss.detach())
+    return loss
+
+
+def siamese_metric_loss(head, h_a, h_b, same):
+    """Eq. 3, the Siamese metric loss (Koch et al. 2015): BCEWithLogits(head(|h_a - h_b|), same).
+
+    Args:
+        head: module mapping [P, F] -> [P, 1] or [P] (SPCL: one Linear(F, 1)).
+        h_a, h_b: [P, F], encoder features of the two sides of P pairs.
+        same: [P] of 0/1 (bool, int or float), 1 when the pair shares a prototype.
+
+    Returns:
+        scalar, the mean over the P pairs.
+    """
+    _check(h_a.dim() == 2 and h_a.shape == h_b.shape,
+           f"siamese_metric_loss: h_a and h_b must both be [P, F], got {tuple(h_a.shape)} and {tuple(h_b.shape)}")
+    _check(h_a.shape[0] >= 1, "siamese_metric_loss: needs at least 1 pair, got 0")
+    _check(same.shape == (h_a.shape[0],),
+           f"siamese_metric_loss: same must be [P]={h_a.shape[0]}, got {tuple(same.shape)}")
+    same = same.to(h_a.dtype if h_a.is_floating_point() else torch.float32)
+    _check_finite("siamese_metric_loss", h_a, h_b)
+    _check(bool(((same == 0) | (same == 1)).all()), "siamese_metric_loss: same must hold only 0 and 1")
+    score = head((h_a - h_b).abs())                          # P x 1
+    score = score.reshape(h_a.shape[0])                      # P
+    dtype = torch.promote_types(score.dtype, torch.float32)
+    return F.binary_cross_entropy_with_logits(score.to(dtype), same.to(dtype))
+
+
+def siamese_pairs(h1, h2, same, same_image_pairs=True):
+    """The view pairs of a SPCL batch that Eq. 3 scores.
+
+    Args:
+        h1, h2: [2P, F], the two views' encoder features of 2P images laid out as P anchors
+            followed by their P partners (row j pairs with row P + j).
+        same: [P] of 0/1, whether anchor j and partner j share a prototype.
+        same_image_pairs: also add the two views of each image, labelled 1, as the official code
+            does ((a, a') and (b, b')).
+
+    Returns:
+        (left [Q, F], right [Q, F], label [Q]) with Q = 4P, or 6P with same_image_pairs: the four
+        cross-image view pairs (a x b views) labelled `same`, then the same-image pairs.
+    """
+    _check(h1.dim() == 2 and h1.shape == h2.shape and h1.shape[0] % 2 == 0,
+           f"siamese_pairs: h1 and h2 must both be [2P, F], got {tuple(h1.shape)} and {tuple(h2.shape)}")
+    P = h1.shape[0] // 2
+    _check(same.shape == (P,), f"siamese_pairs: same must be [P]={P}, got {tuple(same.shape)}")
+    a1, b1 = h1[:P], h1[P:]                                  # P x F each
+    a2, b2 = h2[:P], h2[P:]
+    left, right, label = [a1, a1, a2, a2], [b1, b2, b1, b2], [same] * 4
+    if same_image_pairs:
+        ones = torch.ones_like(same)
+        left, right, label = left + [a1, b1], right + [a2, b2], label + [ones, ones]
+    return torch.cat(left), torch.cat(right), torch.cat(label)
+
+
+def _check_logits_targets(name, logits, targets):
+    _check(logits.dim() == 2, f"{name}: logits must be [N, K], got {tuple(logits.shape)}")
+    _check(targets.shape == (logits.shape[0],),
+           f"{name}: targets must be [N]={logits.shape[0]}, got {tuple(targets.shape)}")
+    _check(logits.shape[0] >= 1, f"{name}: needs at least 1 sample, got 0")
+    _check(not targets.is_floating_point(), f"{name}: targets must be integer class indices, got {targets.dtype}")
+    K = logits.shape[1]
+    ok = torch.stack([torch.isfinite(logits).all(), (targets >= 0).all(), (targets < K).all()])
+    if not bool(ok.all()):
+        _check_finite(name, logits)
+        raise ValueError(f"{name}: targets must lie in [0, {K}), got min {int(targets.min())} "
+                         f"max {int(targets.max())}: is the head's K the number of prototypes?")
+
+
+def prototype_ce(logits, targets):
+    """Eq. 4, prototypical cross-entropy: CE(W h, y) with y the prototype of each view's image.
+
+    Args:
+        logits: [N, K], the prototype head's output for N views.
+        targets: [N] int64 in [0, K), the prototypes (k-means pseudo labels).
+
+    Returns:
+        scalar, the mean over the N views.
+    """
+    _check_logits_targets("prototype_ce", logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
+def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4)):
+    """Eq. 4, symmetric variant (Wang et al. 2019, "Symmetric Cross Entropy"): alpha*CE + beta*RCE,
+
+        RCE = -sum_k p_k log q_k,  p = softmax(logits), q = one-hot(target), log 0 := log_zero,
+
+    which for a one-hot q is -log_zero * (1 - p_target). Robust to noisy labels, such as
+    prototypes that do not match the classes.
+
+    Args:
+        logits: [N, K]; targets: [N] int64 in [0, K).
+        alpha, beta: weights of CE and RCE (official code: 0.1 and 1.0).
+        log_zero: the value standing in for log 0 (official code: log(1e-4), the clamp of q).
+
+    Returns:
+        scalar, the mean over the N samples.
+    """
+    _check_logits_targets("symmetric_ce", logits, targets)
+    ce = F.cross_entropy(logits, targets)
+    # At least float32: fp16 logits under AMP would round p close to 1.
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    p_target = logits.softmax(dim=1, dtype=dtype).gather(1, targets[:, None]).squeeze(1)   # N
+    rce = (-log_zero * (1 - p_target)).mean()
+    return alpha * ce + beta * rce
+
+
+def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
+              w_con=1.0, w_metric=1.0, w_proto=1.0, temperature=0.5, proto_loss="ce",
+              same_image_pairs=True):
+    """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch.
+
+    The batch holds 2P images laid out as P anchors followed by their P partners.
+
+    Args:
+        z1, z2: [2P, D], projections of the two views (Eq. 1-2).
+        h1, h2: [2P, F], encoder features of the two views (Eq. 3-4).
+        same: [P] of 0/1, whether anchor j and partner j share a prototype (Eq. 3).
+        prototypes: [2P] or [2P, H] int64, each image's prototype under each of H clusterings.
+        metric_head: module [Q, F] -> [Q, 1] (Eq. 3).
+        proto_heads: H modules, head j: [N, F] -> [N, K_j] (Eq. 4); L_proto averages over them.
+        w_con, w_metric, w_proto: the weights; a term whose weight is 0 is not computed.
+        temperature: NT-Xent's t.  proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
+        same_image_pairs: see siamese_pairs.
+
+    Returns:
+        (total scalar with gradient, {term name: detached scalar} for each computed term).
+    """
+    _check(proto_loss in ("ce", "sce"), f"spcl_loss: proto_loss must be 'ce' or 'sce', got {proto_loss!r}")
+    _check(w_con or w_metric or w_proto, "spcl_loss: all three weights are 0, nothing to train")
+    terms = {}
+    if w_con:
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature))
+    if w_metric:
+        left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)
+        terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label))
+    if w_proto:
+        if prototypes.dim() == 1:
+            prototypes = prototypes[:, None]                 # 2P x H
+        _check(prototypes.shape == (h1.shape[0], len(proto_heads)),
+               f"spcl_loss: prototypes must be [2P, H]=[{h1.shape[0]}, {len(proto_heads)}] "
+               f"(one column per prototype head), got {tuple(prototypes.shape)}")
+        ce = prototype_ce if proto_loss == "ce" else symmetric_ce
+        h = torch.cat([h1, h2])                              # 4P x F, every view
+        per_head = [ce(head(h), prototypes[:, j].repeat(2)) for j, head in enumerate(proto_heads)]
+        terms["proto"] = (w_proto, torch.stack(per_head).mean())
+    total = sum(w * value for w, value in terms.values())
+    return total, {name: value.detach() for name, (_, value) in terms.items()}
