@@ -18,6 +18,8 @@ import torch
 
 class LARS(torch.optim.Optimizer):
     """LARS with momentum; vectorised with torch._foreach_* so a step is a few fused kernels.
+    Like torch.optim's foreach paths, step() uses each p.grad as scratch space (it leaves
+    p.grad scaled); zero the gradients before the next backward as usual.
 
     Args:
         params: iterable of parameters or parameter groups (each group may set its own
@@ -47,25 +49,27 @@ class LARS(torch.optim.Optimizer):
                     raise ValueError("LARS: sparse gradients are not supported")
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            plain = [p for p in params if p.ndim <= 1]       # biases and norm layers: as they are
             scaled = [p for p in params if p.ndim > 1]       # weights: decay and trust ratio
-            grads = [p.grad for p in params if p.ndim <= 1]   # biases and norm layers: as they are
             if scaled:
-                grads += self._trust_scaled_grads(scaled, group["weight_decay"], group["eta"])
-            # Same order as grads: the plain ones, then the scaled ones.
-            ordered = [p for p in params if p.ndim <= 1] + scaled
-            bufs = [self.state[p]["momentum_buffer"] for p in ordered]
+                self._scale_grads_in_place(scaled, group["weight_decay"], group["eta"])
+            params = plain + scaled
+            grads = [p.grad for p in params]
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(ordered, bufs, alpha=-group["lr"])
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
         return loss
 
     @staticmethod
-    def _trust_scaled_grads(params, weight_decay, eta):
+    def _scale_grads_in_place(params, weight_decay, eta):
+        # In place on p.grad (like SGD's foreach path): out-of-place foreach ops would allocate a
+        # copy of every gradient each step, which costs more than the arithmetic itself.
         grads = [p.grad for p in params]
         if weight_decay:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+            torch._foreach_add_(grads, params, alpha=weight_decay)
         p_norm = torch.stack(torch._foreach_norm(params))   # n
         g_norm = torch.stack(torch._foreach_norm(grads))    # n
         trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, torch.ones_like(p_norm))
-        # Per-tensor scalars without leaving the device (no .item(), no sync).
-        return torch._foreach_mul(grads, list(trust.unbind()))
+        # Per-tensor scalars as 0-d tensors: no .item(), so no device sync on the GPU.
+        torch._foreach_mul_(grads, list(trust.unbind()))
