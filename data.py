@@ -1,0 +1,235 @@
+"""Datasets and SimCLR augmentations.
+
+Small datasets (CIFAR-10/100) are decoded once and kept in memory as uint8 [N, H, W, 3]; their
+augmentations run batched on the training device (`BatchAugment`), so no DataLoader worker and no
+per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk and use
+torchvision's PIL transforms in DataLoader workers (`simclr_transform`).
+"""
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+SMALL = ("cifar10", "cifar100")
+DATASETS = SMALL + ("imagenet", "folder")
+
+
+class InMemoryImages(torch.utils.data.Dataset):
+    """images uint8 [N, H, W, 3] and targets int64 [N], as CPU tensors.
+
+    Indexing gives (normalised float image [3, H, W], target, index), the form the feature pass
+    (cluster.extract_features) and the linear probe read.
+    """
+
+    def __init__(self, images, targets, classes, mean, std):
+        self.images, self.targets, self.classes = images, targets, classes
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i].permute(2, 0, 1).float().div_(255)
+        return (x - self.mean) / self.std, int(self.targets[i]), i
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """Items of a (image, target) dataset as (image, target, index), for the feature pass."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i]
+        return image, target, i
+
+
+def _decode(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _folder_to_memory(folder, workers):
+    tree = torchvision.datasets.ImageFolder(folder)
+    with ThreadPoolExecutor(max(1, workers)) as pool:        # PIL decodes without the GIL
+        arrays = list(pool.map(_decode, [path for path, _ in tree.samples], chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: images of several sizes {sorted(shapes)[:3]}...; an in-memory "
+                         "dataset needs one size (use --dataset folder for mixed sizes)")
+    return torch.from_numpy(np.stack(arrays)), torch.as_tensor(tree.targets), tree.classes
+
+
+def _split_dir(root, names):
+    for name in names:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def load_dataset(name, root, train, download=False, workers=4):
+    """The train (or test) split of `name` from `root`.
+
+    cifar10/cifar100: torchvision's pickled format in root (fetched with download=True) or an
+    ImageFolder tree root/train and root/test, detected; decoded into an InMemoryImages.
+    imagenet: root/train and root/val. folder: root/train and root/val or root/test.
+    The two last return a torchvision ImageFolder of PIL images (set .transform before use).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if not root or not os.path.isdir(root):
+        hint = " (add --download to fetch it there)" if name in SMALL else ""
+        raise ValueError(f"--data {root!r} is not a directory{hint}")
+    eval_names = ("test",) if name in SMALL else ("val", "test") if name == "folder" else ("val",)
+    folder = _split_dir(root, ("train",) if train else eval_names)
+    if name in SMALL:
+        mean, std = MEAN_STD[name]
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        pickled = os.path.isdir(os.path.join(root, cls.base_folder))
+        if pickled or (download and folder is None):
+            ds = cls(root, train=train, download=download)
+            return InMemoryImages(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), ds.classes, mean, std)
+        if folder is None:
+            raise ValueError(f"--data {root!r} holds neither torchvision's {cls.base_folder}/ nor an "
+                             f"ImageFolder tree with train/ and test/; add --download to fetch {name} there")
+        images, targets, classes = _folder_to_memory(folder, workers)
+        return InMemoryImages(images, targets, classes, mean, std)
+    if folder is None:
+        raise ValueError(f"--data {root!r} must hold ImageFolder trees {'train/' if train else ' or '.join(eval_names)}/ "
+                         f"(one sub-folder of images per class) for --dataset {name}")
+    return torchvision.datasets.ImageFolder(folder)
+
+
+def simclr_transform(size=224, strength=1.0, blur=True, mean_std=MEAN_STD["imagenet"]):
+    """SimCLR's augmentation of one PIL image (Chen et al. 2020, appendix A): a random resized crop
+    with flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5, ImageNet only)."""
+    s = strength
+    steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
+             T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+             T.RandomGrayscale(p=0.2)]
+    if blur:
+        steps.append(T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, sigma=(0.1, 2.0))], p=0.5))
+    return T.Compose(steps + [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+
+
+def eval_transform(size=224, mean_std=MEAN_STD["imagenet"]):
+    """Resize to size/0.875 and centre-crop: the standard evaluation view of ImageNet."""
+    return T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size), T.ToImage(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+
+
+def _gray(x):
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B, 3, H, W] -> [B, 1, H, W]."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of RGB images x [b, 3, H, W] in [0, 1] by shift [b] turns."""
+    r, g, b = x.unbind(1)
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(1, argmax[:, None])[:, 0]
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    # HSV -> RGB through the closed form f(n) = v - v s max(0, min(k, 4 - k, 1)), k = (n + 6h) mod 6.
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + 6 * hue[:, None]) % 6
+    return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+class BatchAugment:
+    """SimCLR's CIFAR augmentation applied to a whole batch at once, on any device.
+
+    Same distribution as simclr_transform(size, strength, blur=False): RandomResizedCrop (scale
+    0.08-1, ratio 3/4-4/3, torchvision's 10-attempt rule) through roi_align, flip p 0.5, colour
+    jitter with p 0.8 in a random order per image, grayscale p 0.2, normalisation.
+
+    __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size]. The random draws
+    come from the CPU `generator`, so a run is reproducible on any device.
+    """
+
+    def __init__(self, size, mean_std, strength=0.5):
+        self.size = size
+        self.mean = torch.tensor(mean_std[0]).view(1, 3, 1, 1)
+        self.std = torch.tensor(mean_std[1]).view(1, 3, 1, 1)
+        self.jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+    def crop_boxes(self, B, H, W, generator, attempts=10):
+        """torchvision's RandomResizedCrop.get_params for B images at once -> [B, 4] (x1, y1, x2, y2)."""
+        area = H * W * torch.empty(B, attempts).uniform_(0.08, 1.0, generator=generator)
+        log_ratio = torch.empty(B, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        ratio = torch.exp(log_ratio)
+        w = torch.sqrt(area * ratio).round()
+        h = torch.sqrt(area / ratio).round()
+        ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1))
+        u = torch.rand(B, 2, generator=generator)
+        pick = first.clamp(min=0)[:, None]
+        w, h = w.gather(1, pick)[:, 0], h.gather(1, pick)[:, 0]
+        # No attempt fits (rare): the whole image, as torchvision's fallback for square inputs.
+        w = torch.where(first >= 0, w, torch.full_like(w, W))
+        h = torch.where(first >= 0, h, torch.full_like(h, H))
+        x1 = torch.floor(u[:, 0] * (W - w + 1))
+        y1 = torch.floor(u[:, 1] * (H - h + 1))
+        return torch.stack([x1, y1, x1 + w, y1 + h], 1)
+
+    def __call__(self, images, generator):
+        B, H, W, _ = images.shape
+        device = images.device
+        x = images.permute(0, 3, 1, 2).float().div_(255)                       # B x 3 x H x W
+        boxes = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], self.crop_boxes(B, H, W, generator)], 1)
+        x = roi_align(x, boxes.to(device), output_size=self.size, spatial_scale=1.0,
+                      sampling_ratio=2, aligned=True)                          # B x 3 x S x S
+        flip = torch.rand(B, generator=generator) < 0.5
+        x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+        x = self._color_jitter(x, generator)
+        gray = (torch.rand(B, generator=generator) < 0.2).to(device).view(-1, 1, 1, 1)
+        x = torch.where(gray, _gray(x).expand_as(x), x)
+        return (x - self.mean.to(device)) / self.std.to(device)
+
+    def _color_jitter(self, x, generator):
+        B = x.shape[0]
+        bri, con, sat, hue = self.jitter
+        apply = torch.rand(B, generator=generator) < 0.8
+        factors = torch.stack([torch.empty(B).uniform_(1 - bri, 1 + bri, generator=generator),
+                               torch.empty(B).uniform_(1 - con, 1 + con, generator=generator),
+                               torch.empty(B).uniform_(1 - sat, 1 + sat, generator=generator),
+                               torch.empty(B).uniform_(-hue, hue, generator=generator)], 1)   # B x 4
+        order = torch.rand(B, 4, generator=generator).argsort(1)               # a random order per image
+        for step in range(4):
+            for op in range(4):
+                idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
+                if len(idx) == 0:
+                    continue
+                f = factors[idx, op].to(x.device).view(-1, 1, 1, 1)
+                idx = idx.to(x.device)
+                part = x[idx]
+                if op == 0:
+                    part = part * f
+                elif op == 1:
+                    part = f * part + (1 - f) * _gray(part).mean((2, 3), keepdim=True)
+                elif op == 2:
+                    part = f * part + (1 - f) * _gray(part)
+                else:
+                    part = _shift_hue(part, f.view(-1))
+                x[idx] = part.clamp_(0, 1)
+        return x

@@ -1,0 +1,90 @@
+"""The SPCL network (SPEC.md, "Notation"): a ResNet encoder f and three heads on its features.
+
+    h = f(x)                  encoder features                      [B, F]
+    z = g(h)                  projection head (SimCLR), Eq. 1-2     [B, 128]
+    m(|h_a - h_b|)            metric head, Eq. 3                    [P, 1]
+    W_j h                     one prototype head per K_j, Eq. 4     [B, K_j]
+"""
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock, ResNet
+
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+NARROW_ARCHS = {"resnet18_narrow": 16}     # ResNet-18 at a base width of 16 instead of 64: CPU runs
+ARCHS = TORCHVISION_ARCHS + tuple(NARROW_ARCHS)
+
+
+class NarrowResNet(ResNet):
+    """torchvision's ResNet-18 with every width divided by 64 / base_width (F = 8 * base_width)."""
+
+    def __init__(self, base_width):
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+        self.inplanes = base_width
+        self.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_width)
+        self.layer1 = self._make_layer(BasicBlock, base_width, 2)
+        self.layer2 = self._make_layer(BasicBlock, 2 * base_width, 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, 4 * base_width, 2, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, 8 * base_width, 2, stride=2)
+        self.fc = nn.Linear(8 * base_width, 1000)
+        for m in self.modules():                # the initialisation torchvision's ResNet uses
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def build_encoder(arch, cifar_stem):
+    """A torchvision ResNet without its fc (fc = Identity), so forward gives h [B, F].
+
+    cifar_stem: for 32-pixel images, a 3x3 stride-1 first conv and no max-pool (SimCLR's CIFAR
+    variant), which keeps layer1 at full resolution.
+
+    Returns (encoder, F). The state dict keeps torchvision's names, so `torchvision.models.<arch>()`
+    (with the same stem) loads it with strict=True once fc is set aside.
+    """
+    if arch in TORCHVISION_ARCHS:
+        encoder = getattr(torchvision.models, arch)(weights=None)
+    elif arch in NARROW_ARCHS:
+        encoder = NarrowResNet(NARROW_ARCHS[arch])
+    else:
+        raise ValueError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    feature_dim = encoder.fc.in_features
+    if cifar_stem:
+        width = encoder.conv1.out_channels
+        encoder.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")
+        encoder.maxpool = nn.Identity()
+    encoder.fc = nn.Identity()
+    return encoder, feature_dim
+
+
+class SPCLModel(nn.Module):
+    """Encoder plus the SimCLR projection head, the Siamese metric head and the prototype heads.
+
+    forward(x [B, 3, H, W]) -> (h [B, F], z [B, out_dim]); the heads are called by losses.spcl_loss.
+    """
+
+    def __init__(self, arch, cifar_stem, num_prototypes=(), out_dim=128):
+        super().__init__()
+        self.encoder, F = build_encoder(arch, cifar_stem)
+        self.feature_dim = F
+        # SimCLR's head as in the official code: Linear-BN-ReLU-Linear-BN.
+        self.projector = nn.Sequential(nn.Linear(F, F, bias=False), nn.BatchNorm1d(F), nn.ReLU(inplace=True),
+                                       nn.Linear(F, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        self.metric_head = nn.Linear(F, 1)
+        self.proto_heads = nn.ModuleList(nn.Linear(F, k) for k in num_prototypes)
+        self.reset_proto_heads()
+
+    @torch.no_grad()
+    def reset_proto_heads(self):
+        """New clusters have arbitrary ids, so the heads start over: N(0, 0.01) weights, zero bias."""
+        for head in self.proto_heads:
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, x):
+        h = self.encoder(x)                     # B x F
+        return h, self.projector(h)             # B x F, B x out_dim

@@ -1,0 +1,440 @@
+"""SPCL pre-training (SPEC.md): one process on a laptop, or DDP under torchrun.
+
+    python train.py --dataset cifar10 --data ../shared/data/cifar10 --arch resnet18_narrow --epochs 20
+    torchrun --nproc_per_node 8 train.py --dataset imagenet --data /path/to/imagenet
+
+Each epoch: cluster the training set (rank 0 runs faiss k-means on every image's features and
+broadcasts the prototypes) -> build same/cross-prototype pair batches -> re-initialise the
+prototype heads -> train on Eq. 5 with LARS. `--w-metric 0 --w-proto 0` is plain SimCLR (no
+clustering, random batches). `--out DIR` holds checkpoint.pth (resumed automatically) and
+metrics.jsonl (one JSON line per epoch).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cluster
+import data
+from lars import LARS
+from losses import spcl_loss
+from models import ARCHS, SPCLModel
+from sampler import PairDataset, PrototypePairSampler
+
+# Defaults that differ by dataset; CIFAR's are the official code's (SPEC.md, "Hyper-parameters").
+DATASET_DEFAULTS = {
+    "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32),
+    "cifar100": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32),
+    # ImageNet: SimCLR's ResNet-50 recipe (temperature 0.1 at large batch), one prototype per class.
+    "imagenet": dict(arch="resnet50", epochs=200, batch_size=1024, num_prototypes="1000", temperature=0.1, image_size=224),
+    "folder": dict(arch="resnet50", epochs=200, batch_size=256, num_prototypes="100", temperature=0.5, image_size=224),
+}
+# A checkpoint is refused when one of these differs from the current run.
+STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on", "w_proto_on")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data if missing")
+    p.add_argument("--out", default="runs/spcl", help="folder for checkpoint.pth and metrics.jsonl")
+    p.add_argument("--arch", help=f"encoder: {', '.join(ARCHS)} (default: per dataset)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch in images (pairs = half of it)")
+    p.add_argument("--lr", type=float, default=1.0, help="base LARS lr, scaled by batch/256")
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--warmup-epochs", type=float, default=10)
+    p.add_argument("--temperature", type=float, help="NT-Xent temperature")
+    p.add_argument("--image-size", type=int)
+    # Eq. 5 and Table 2.
+    p.add_argument("--w-con", type=float, default=1.0, help="weight of NT-Xent (Eq. 1-2)")
+    p.add_argument("--w-metric", type=float, default=1.0, help="weight of the Siamese metric loss (Eq. 3)")
+    p.add_argument("--w-proto", type=float, default=1.0, help="weight of the prototype CE (Eq. 4)")
+    p.add_argument("--proto-loss", choices=("ce", "sce"), default="ce", help="plain or symmetric CE (Eq. 4)")
+    p.add_argument("--prototypes", choices=("kmeans", "gt"), default="kmeans",
+                   help="k-means clusters, or the ground-truth classes (Table 2's SPCL (GT))")
+    p.add_argument("--num-prototypes", help="K, or a comma list for several clusterings (one head each)")
+    p.add_argument("--p-same", type=float, default=0.5, help="share of same-prototype pairs in a batch")
+    p.add_argument("--no-same-image-pairs", action="store_true",
+                   help="Eq. 3 on the cross-image pairs only (the official code adds (a, a') and (b, b'))")
+    p.add_argument("--cluster-aug", action="store_true",
+                   help="cluster features of one random augmentation (the paper) instead of the eval view")
+    p.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening before k-means; 0 = off")
+    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--proto-start-epoch", type=int, default=0,
+                   help="plain SimCLR before this epoch, while clusters are still noise")
+    p.add_argument("--knn-every", type=int, default=0, help="kNN top-1 on the test set every N epochs; 0 = never")
+    p.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset of N images")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def fail(message, master=True):
+    """Stop with a one-line error (printed once, by rank 0) instead of a traceback."""
+    sys.exit(f"train.py: error: {message}" if master else 1)
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def lr_at(step, total_steps, warmup_steps, base_lr):
+    """Linear warm-up, then cosine decay to 0 (per step)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainStep(nn.Module):
+    """Everything with parameters runs inside forward(), so DDP sees and syncs every gradient.
+
+    forward(v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H]) -> (loss, terms, z1, z2)
+    """
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model, self.args = model, args
+
+    def forward(self, v1, v2, same, prototypes, use_prototypes):
+        a = self.args
+        h, z = self.model(torch.cat([v1, v2]))             # 4P x F, 4P x 128: one pass, both views
+        h1, h2 = h.float().chunk(2)
+        z1, z2 = z.float().chunk(2)
+        loss, terms = spcl_loss(
+            z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
+            w_con=a.w_con, w_metric=a.w_metric if use_prototypes else 0, w_proto=a.w_proto if use_prototypes else 0,
+            temperature=a.temperature, proto_loss=a.proto_loss, same_image_pairs=not a.no_same_image_pairs)
+        return loss, terms, z1.detach(), z2.detach()
+
+
+@torch.no_grad()
+def similarity_stats(z1, z2, targets):
+    """SPEC.md's TP / FN / TN similarities in projection space for one batch: the two views of an
+    image; two images of the same class (false negatives); two images of different classes.
+    Returns sums and counts [3], [3]; means are sums / counts over the epoch."""
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = z1.shape[0]
+    tp = (z1 * z2).sum(1)
+    sim = torch.cat([z1, z2]) @ torch.cat([z1, z2]).T              # 2n x 2n
+    y = targets.repeat(2)
+    image = torch.arange(n, device=z1.device).repeat(2)
+    other_image = image[:, None] != image[None, :]
+    same_class = (y[:, None] == y[None, :]) & other_image
+    diff_class = y[:, None] != y[None, :]
+    sums = torch.stack([tp.sum(), sim[same_class].sum(), sim[diff_class].sum()])
+    counts = torch.stack([torch.tensor(n), same_class.sum(), diff_class.sum()]).to(sums)
+    return sums, counts
+
+
+def in_memory_batches(dataset, indices, batch_size, augment=None, generator=None):
+    """(images, targets, indices) batches of an InMemoryImages, the eval view or one augmentation."""
+    for chunk in torch.as_tensor(indices).split(batch_size):
+        if augment is None:
+            x = torch.stack([dataset[int(i)][0] for i in chunk])
+        else:
+            x = augment(dataset.images[chunk], generator)
+        yield x, dataset.targets[chunk], chunk
+
+
+def feature_batches(args, train_set, rank, world, epoch, augment, eval_tf):
+    """This rank's shard of the whole training set for the feature pass (padded like DistributedSampler)."""
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=False)
+    batch_size = 512
+    if isinstance(train_set, data.InMemoryImages):
+        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank)
+        return in_memory_batches(train_set, list(sampler), batch_size, augment if args.cluster_aug else None, g)
+    train_set.transform = data.simclr_transform(args.image_size) if args.cluster_aug else eval_tf
+    return torch.utils.data.DataLoader(data.WithIndex(train_set), batch_size=batch_size, sampler=sampler,
+                                       num_workers=args.workers, pin_memory=True)
+
+
+def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
+    """Yields (v1, v2 [2P, 3, S, S], same [P], targets [2P], prototypes [2P, H]) on device."""
+    if isinstance(train_set, data.InMemoryImages):
+        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank)
+        for triples in sampler:
+            t = torch.tensor(triples)                              # P x 3
+            idx = torch.cat([t[:, 0], t[:, 1]])                    # 2P: anchors, then partners
+            images = train_set.images[idx].to(device, non_blocking=True)
+            v1, v2 = augment(images, g), augment(images, g)
+            yield v1, v2, t[:, 2].to(device), train_set.targets[idx].to(device), prototypes[idx].to(device)
+        return
+    pair_set.set_assignments(prototypes)
+    loader = torch.utils.data.DataLoader(pair_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=True)
+    for a1, a2, b1, b2, same, ta, tb, pa, pb in loader:
+        to = lambda *xs: torch.cat(xs).to(device, non_blocking=True)
+        yield to(a1, b1), to(a2, b2), same.to(device), to(ta, tb), to(pa, pb).view(2 * len(same), -1)
+
+
+def save_checkpoint(state, out):
+    """Atomic: a crash while writing leaves the previous checkpoint.pth whole."""
+    path = os.path.join(out, "checkpoint.pth")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, config, master):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:            # a truncated or foreign file: say which file, never overwrite it
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); move it away to start afresh", master)
+    saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
+    differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL if saved[k] != config[k]]
+    if differs:
+        fail(f"{path} was trained with another configuration ({'; '.join(differs)}); "
+             "use another --out or the same flags", master)
+    return ckpt
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+
+    # ---- checks that deserve a sentence, not a traceback -------------------------------------
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}", master)
+    if args.batch_size % (2 * world):
+        fail(f"--batch-size {args.batch_size} must be divisible by 2 x world size = {2 * world} "
+             "(it counts images, made of pairs, split evenly over the ranks)", master)
+    if args.epochs < 1:
+        fail(f"--epochs must be >= 1, got {args.epochs}", master)
+    try:
+        train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
+                                      workers=args.workers)
+        test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
+    except (ValueError, RuntimeError, OSError) as e:
+        fail(str(e), master)
+    in_memory = isinstance(train_set, data.InMemoryImages)
+    targets = train_set.targets if in_memory else torch.as_tensor(train_set.targets)
+    if args.train_subset:
+        if not 0 < args.train_subset <= len(targets):
+            fail(f"--train-subset {args.train_subset} must lie in [1, {len(targets)}]", master)
+        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(1234))[:args.train_subset].sort().values
+        if in_memory:
+            train_set = data.InMemoryImages(train_set.images[keep], targets[keep], train_set.classes,
+                                            *data.MEAN_STD[args.dataset])
+        else:
+            train_set.samples = [train_set.samples[i] for i in keep]
+            train_set.targets = [train_set.targets[i] for i in keep]
+        targets = targets[keep]
+    N = len(targets)
+    num_classes = len(train_set.classes)
+    uses_prototypes = bool(args.w_metric or args.w_proto)
+    ks = [num_classes] if args.prototypes == "gt" else [int(k) for k in str(args.num_prototypes).split(",")]
+    if uses_prototypes and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
+        fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} images", master)
+    if args.batch_size > N:
+        fail(f"--batch-size {args.batch_size} exceeds the {N} training images", master)
+
+    # ---- model, optimiser ---------------------------------------------------------------------
+    cuda = device.type == "cuda"
+    model = SPCLModel(args.arch, cifar_stem=args.image_size <= 64, num_prototypes=ks if args.w_proto else ())
+    if not args.w_metric:
+        model.metric_head = None
+    if world > 1 and cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    step_module = TrainStep(model, args)
+    if world > 1:
+        # Heads idle during the SimCLR warm-up get no gradient; only then must DDP look for them.
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if cuda else None,
+            find_unused_parameters=uses_prototypes and args.proto_start_epoch > 0)
+    base_lr = args.lr * args.batch_size / 256
+    optimizer = LARS(model.parameters(), lr=base_lr, weight_decay=args.weight_decay)
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        n_scaled = sum(p.numel() for p in model.parameters() if p.ndim > 1)
+        print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight decay and "
+              f"trust ratio; {N} images, world size {world}, device {device}, AMP {amp_dtype}")
+
+    # ---- resume -------------------------------------------------------------------------------
+    config = dict(vars(args), num_prototypes=ks, w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pth")
+    start_epoch, previous = 0, None
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, config, master)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if master:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset]) if in_memory else None
+    eval_tf = None if in_memory else data.eval_transform(args.image_size)
+    pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size))
+    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, rank, seed=args.seed, p_same=args.p_same)
+    steps_per_epoch = len(sampler)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
+        stats = {"epoch": epoch}
+        use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
+        features = None
+        # ---- 1. prototypes --------------------------------------------------------------------
+        if use_prototypes and args.prototypes == "gt":
+            assignments = targets[:, None]                              # N x 1
+        elif use_prototypes:
+            t0 = time.time()
+            model.eval()
+            features, _ = cluster.extract_features(
+                model.encoder, feature_batches(args, train_set, rank, world, epoch, augment, eval_tf),
+                N, device, autocast=cuda)
+            model.train()
+            stats["feature_seconds"] = time.time() - t0
+            columns = []
+            for k in ks:
+                a, kstats = cluster.distributed_kmeans(features, k, N, seed=args.seed + epoch, niter=args.kmeans_iters,
+                                                       pca_dim=args.pca_dim, device=device)
+                columns.append(a)
+                stats[f"kmeans_k{k}"] = kstats
+            assignments = torch.stack(columns, 1)                       # N x H
+            stats["cluster_seconds"] = time.time() - t0
+            if master:
+                stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
+                if previous is not None and previous.shape == assignments.shape:
+                    stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+        else:
+            assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
+        if use_prototypes:
+            # New cluster ids mean nothing to the old heads: start them and their momentum over.
+            model.reset_proto_heads()
+            for p in model.proto_heads.parameters():
+                optimizer.state.pop(p, None)
+        sampler.set_assignments(assignments[:, 0])
+        sampler.set_epoch(epoch)
+
+        # ---- 2. one epoch of Eq. 5 ------------------------------------------------------------
+        model.train()
+        sums = torch.zeros(4, device=device)
+        sim_sums, sim_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
+        term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
+            + (["proto"] if use_prototypes and args.w_proto else [])
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True, leave=False)
+        train_start = time.time()
+        for i, (v1, v2, same, y, protos) in enumerate(train_batches(
+                args, train_set, sampler, assignments, augment, pair_set, epoch, rank, device)):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, warmup_steps, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            v1 = v1.contiguous(memory_format=torch.channels_last)
+            v2 = v2.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, terms, z1, z2 = step_module(v1, v2, same, protos, use_prototypes)
+            # One small collective for all ranks to agree on the logged values and on a NaN stop.
+            values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            values = values.tolist()
+            if not all(math.isfinite(v) for v in values):
+                named = ", ".join(f"{n}={v:.4g}" for n, v in zip(["total"] + term_names, values))
+                fail(f"non-finite loss at epoch {epoch} step {i} (global step {step}): {named}; "
+                     f"the last good checkpoint is {ckpt_path} (try a lower --lr)", master)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums[:len(values)] += torch.tensor(values, device=device)
+            s, c = similarity_stats(z1, z2, y)
+            sim_sums += s
+            sim_counts += c
+            bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
+                                + f" lr={lr:.3g} img/s={(i + 1) * v1.shape[0] * world / (time.time() - train_start):.0f}")
+            bar.update()
+        bar.close()
+        train_seconds = time.time() - train_start
+        if world > 1:
+            dist.all_reduce(sim_sums)
+            dist.all_reduce(sim_counts)
+        means = (sums / steps_per_epoch).tolist()[:1 + len(term_names)]
+        stats.update({f"loss_{n}": v for n, v in zip(["total"] + term_names, means)})
+        sims = (sim_sums / sim_counts.clamp(min=1)).tolist()
+        stats.update(sim_tp=sims[0], sim_fn=sims[1], sim_tn=sims[2], lr=lr,
+                     images_per_second=steps_per_epoch * args.batch_size / train_seconds,
+                     train_seconds=train_seconds, images_seen=(epoch + 1) * steps_per_epoch * args.batch_size)
+
+        # ---- 3. kNN monitor, log, checkpoint ---------------------------------------------------
+        if args.knn_every and (epoch + 1) % args.knn_every == 0:
+            stats["knn_top1"] = knn_monitor(args, model, train_set, test_set, features, rank, world, epoch,
+                                            augment, eval_tf, device)
+        stats["epoch_seconds"] = time.time() - epoch_start
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch + 1, "assignments": assignments,
+                             "rng": {"cpu": torch.get_rng_state()}, "config": config}, args.out)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
+                              if not isinstance(v, dict)}))
+        previous = assignments
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def knn_monitor(args, model, train_set, test_set, train_features, rank, world, epoch, augment, eval_tf, device):
+    """Weighted kNN top-1 (%) on the test set; reuses the clustering pass's train features."""
+    import knn
+    model.eval()
+    if train_features is None or args.cluster_aug:
+        train_features, _ = cluster.extract_features(
+            model.encoder, feature_batches(args, train_set, rank, world, epoch, None, eval_tf), len(train_set), device)
+    test_sampler_set = test_set
+    if not isinstance(test_set, data.InMemoryImages):
+        test_set.transform = eval_tf
+    sampler = torch.utils.data.DistributedSampler(test_sampler_set, world, rank, shuffle=False)
+    loader = (in_memory_batches(test_set, list(sampler), 512) if isinstance(test_set, data.InMemoryImages) else
+              torch.utils.data.DataLoader(data.WithIndex(test_set), batch_size=512, sampler=sampler,
+                                          num_workers=args.workers))
+    test_features, test_targets = cluster.extract_features(model.encoder, loader, len(test_set), device)
+    model.train()
+    if rank != 0:
+        return None
+    train_targets = train_set.targets if isinstance(train_set, data.InMemoryImages) else torch.as_tensor(train_set.targets)
+    return knn.knn_top1(train_features, train_targets, test_features, test_targets)
+
+
+if __name__ == "__main__":
+    main()
