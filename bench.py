@@ -9,18 +9,38 @@ Sections and their targets:
               mask the diagonal, cross_entropy): time and peak memory <= 1.1x; time ~4x per
               doubling of 2B (quadratic, not cubic).
     lars      one LARS step against one torch.optim.SGD(momentum=0.9) step on resnet50: <= 1.5x.
+    kmeans    faiss k-means against scikit-learn's Lloyd (100k x 128, K=1000, 20 iterations; needs
+              scikit-learn, which is not a requirement): faiss no slower. run_kmeans on
+              CIFAR-10-shaped features (50k x 512, PCA 256, K=512): <= 5 s on 2 CPU cores.
+    sampler   one epoch of prototype pairs at ImageNet size (N=1,281,167): <= 1 s.
+    step      one SPCL training step against one SimCLR step, same images and model: <= 1.10x.
+    augment   SimCLR views per second per core, data.BatchAugment against torchvision's PIL
+              transforms on the same decoded images: >= 1.0x.
+    epoch     one epoch of the small CPU configuration on real CIFAR-10 (needs
+              ../shared/data/cifar10): the feature pass <= 20% of the epoch, k-means <= 2%.
 """
 import argparse
 import ctypes
+import json
+import os
+import tempfile
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 
+import data
+import train
+from cluster import run_kmeans
 from lars import LARS
 from losses import nt_xent
+from models import SPCLModel
+from sampler import PrototypePairSampler
+
+CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10")
 
 
 def _sync(device):
@@ -132,7 +152,115 @@ def bench_lars(device, repeat):
           f"SGD {t_sgd * 1e3:.1f} ms, LARS {t_lars * 1e3:.1f} ms, ratio {t_lars / t_sgd:.2f}")
 
 
-SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars}
+def bench_kmeans(device, repeat):
+    print("== kmeans: faiss k-means (target: no slower than scikit-learn; CIFAR-10 size <= 5 s)")
+    x = np.random.default_rng(0).normal(size=(100_000, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)     # unit rows: pca_dim=0 leaves them as they are
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        KMeans = None
+        print("scikit-learn is not installed: pip install scikit-learn for the comparison")
+    faiss_s, sklearn_s = [], []
+    for _ in range(2):                                 # in turns, best of two: the machine may be shared
+        faiss_s.append(run_kmeans(x, 1000, seed=0, niter=20, pca_dim=0)[2]["seconds"])
+        if KMeans is not None:
+            start = time.perf_counter()
+            KMeans(1000, init="random", n_init=1, max_iter=20, tol=0, algorithm="lloyd", random_state=0).fit(x)
+            sklearn_s.append(time.perf_counter() - start)
+    line = f"100k x 128, K=1000, 20 iterations: faiss {min(faiss_s):.2f} s"
+    if sklearn_s:
+        line += f", scikit-learn {min(sklearn_s):.2f} s, ratio scikit-learn / faiss {min(sklearn_s) / min(faiss_s):.2f}"
+    print(line)
+    # ReLU features of a 10-class mixture, shaped like ResNet-18 features of CIFAR-10.
+    rng = np.random.default_rng(0)
+    feats = np.maximum(rng.normal(size=(10, 512))[rng.integers(0, 10, 50_000)] + rng.normal(size=(50_000, 512)), 0)
+    stats = run_kmeans(feats.astype(np.float32), 512, seed=0)[2]
+    print(f"run_kmeans 50k x 512 -> PCA 256, K=512: {stats['seconds']:.2f} s; "
+          f"cluster sizes {stats['size_min']}..{stats['size_max']}, {stats['empty_clusters']} empty")
+
+
+def bench_sampler(device, repeat):
+    print("== sampler: one epoch of pairs at ImageNet size, batch 4096 over 8 ranks (target <= 1 s)")
+    n = 1_281_167
+    rng = np.random.default_rng(0)
+    for name, assignments in [("K=1000", rng.integers(0, 1000, n)), ("K=10000", rng.integers(0, 10_000, n)),
+                              ("singletons (SimCLR)", np.arange(n))]:
+        sampler = PrototypePairSampler(assignments, 4096, num_replicas=8, rank=0)
+        start = time.perf_counter()
+        sampler.set_assignments(assignments)
+        sampler.set_epoch(1)
+        pairs = sampler.global_pairs()
+        built = time.perf_counter() - start
+        batches = list(sampler)
+        print(f"{name:>20}: built in {built:.2f} s, with this rank's {len(batches)} batches as lists "
+              f"{time.perf_counter() - start:.2f} s; same share {pairs[:, 2].mean():.3f}")
+
+
+def bench_step(device, repeat):
+    arch, batch = ("resnet18", 512) if device.type == "cuda" else ("resnet18_narrow", 256)
+    print(f"== step: one training step (forward, Eq. 5, backward, LARS), {arch}, {batch} images, "
+          "SPCL / SimCLR (target <= 1.10)")
+    args = train.get_args(["--arch", arch])
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last) for _ in range(2))
+    same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
+    protos = torch.randint(0, 512, (batch, 1), generator=g).to(device)
+    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(device, memory_format=torch.channels_last)
+    step_module = train.TrainStep(model, args)
+    optimizer = LARS(model.parameters(), lr=0.1)
+
+    def step(use_prototypes):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = step_module(v1, v2, same, protos, use_prototypes)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    t_simclr, t_spcl = interleaved([lambda: step(False), lambda: step(True)], device, repeat)
+    print(f"SimCLR {t_simclr * 1e3:.1f} ms, SPCL {t_spcl * 1e3:.1f} ms, ratio {t_spcl / t_simclr:.3f}")
+
+
+def bench_augment(device, repeat):
+    print("== augment: SimCLR views / s on one core, BatchAugment / torchvision PIL transforms (target >= 1.0)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if os.path.isdir(os.path.join(CIFAR10, "test")):
+        images = data.load_dataset("cifar10", CIFAR10, train=False, workers=2).images[:512]
+    pil_images = [data.Image.fromarray(a.numpy()) for a in images]
+    pil = data.simclr_transform(32, strength=0.5, blur=False, mean_std=data.MEAN_STD["cifar10"])
+    batched = data.BatchAugment(32, data.MEAN_STD["cifar10"])
+    g = torch.Generator().manual_seed(0)
+    t_pil, t_batch = interleaved([lambda: [pil(im) for im in pil_images], lambda: batched(images, g)],
+                                 torch.device("cpu"), max(1, repeat // 3))
+    torch.set_num_threads(threads)
+    print(f"PIL {len(images) / t_pil:.0f} views/s, BatchAugment {len(images) / t_batch:.0f} views/s, "
+          f"ratio {t_pil / t_batch:.2f}")
+
+
+def bench_epoch(device, repeat):
+    print("== epoch: one SPCL epoch, small CPU configuration, real CIFAR-10 (targets: feature pass <= 20%, "
+          "k-means <= 2% of the epoch)")
+    if not os.path.isdir(os.path.join(CIFAR10, "train")):
+        print(f"skipped: needs the CIFAR-10 images in {CIFAR10}")
+        return
+    with tempfile.TemporaryDirectory() as out:
+        # Epoch 1 of 2: its clustering runs on a trained encoder, like every epoch after the first.
+        train.main(["--dataset", "cifar10", "--data", CIFAR10, "--arch", "resnet18_narrow", "--epochs", "2",
+                    "--batch-size", "512", "--num-prototypes", "512", "--warmup-epochs", "1", "--out", out])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            row = [json.loads(line) for line in f][-1]
+    kmeans = row["kmeans_k512"]["seconds"]
+    epoch = row["epoch_seconds"]
+    print(f"epoch {epoch:.1f} s ({row['images_per_second']:.0f} images/s in training); feature pass "
+          f"{row['feature_seconds']:.1f} s = {100 * row['feature_seconds'] / epoch:.1f}%, k-means {kmeans:.2f} s = "
+          f"{100 * kmeans / epoch:.2f}%")
+
+
+SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans, "sampler": bench_sampler,
+            "step": bench_step, "augment": bench_augment, "epoch": bench_epoch}
 
 
 def main():

@@ -42,8 +42,33 @@ class InMemoryImages(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i):
-        x = self.images[i].permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std, int(self.targets[i]), i
+        return self.normalised(torch.tensor([i]))[0], int(self.targets[i]), i
+
+    def normalised(self, idx):
+        """The evaluation view of images idx [B]: float [B, 3, H, W], normalised."""
+        x = self.images[idx].permute(0, 3, 1, 2).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+class InMemoryLoader:
+    """Batches (images, targets, indices) of an InMemoryImages over the given indices, in order:
+    the evaluation view, or one augmentation by `augment` (a BatchAugment) drawn from `generator`.
+    A DataLoader without workers or per-image calls; it has a len() like one."""
+
+    def __init__(self, dataset, indices, batch_size, augment=None, generator=None):
+        self.dataset, self.batch_size, self.augment, self.generator = dataset, batch_size, augment, generator
+        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for idx in self.indices.split(self.batch_size):
+            if self.augment is None:
+                x = self.dataset.normalised(idx)
+            else:
+                x = self.augment(self.dataset.images[idx], self.generator)
+            yield x, self.dataset.targets[idx], idx
 
 
 class WithIndex(torch.utils.data.Dataset):
@@ -233,3 +258,32 @@ class BatchAugment:
                     part = _shift_hue(part, f.view(-1))
                 x[idx] = part.clamp_(0, 1)
         return x
+
+
+def subset(dataset, n, seed):
+    """A fixed random subset of n images (all when n = 0), in index order: the same images for the
+    same seed (train.py's --train-subset and linear_eval.py's --subset both use seed 1234)."""
+    if not n:
+        return dataset
+    total = len(dataset)
+    if not 0 < n <= total:
+        raise ValueError(f"subset of {n} images asked for, the split has {total}")
+    keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if isinstance(dataset, InMemoryImages):
+        return InMemoryImages(dataset.images[keep], dataset.targets[keep], dataset.classes,
+                              dataset.mean.flatten().tolist(), dataset.std.flatten().tolist())
+    dataset.samples = [dataset.samples[i] for i in keep]
+    dataset.imgs = dataset.samples
+    dataset.targets = [s[1] for s in dataset.samples]
+    return dataset
+
+
+def eval_batches(dataset, rank, world, image_size, mean_std, workers, batch_size=512):
+    """This rank's shard of dataset in the evaluation view, as (images, targets, indices) batches for
+    cluster.extract_features (padded like a DistributedSampler: duplicates land on the same row)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=False)
+    if isinstance(dataset, InMemoryImages):
+        return InMemoryLoader(dataset, list(sampler), batch_size)
+    dataset.transform = eval_transform(image_size, mean_std)
+    return torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, pin_memory=True)

@@ -4,19 +4,34 @@ Every check compares against an independent computation: a naive loop written fr
 in ../shared/SPEC.md, a hand-computed case, or a second code path (world size 1 against 2).
 Tests that need the real CIFAR-10 images in ../shared/data/cifar10 skip without them.
 """
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
 
+import data
+import linear_eval
+import train
+from cluster import distributed_kmeans, extract_features, nmi, run_kmeans
 from lars import LARS
+from linear_eval import evaluate, export_encoder, knn_top1, load_encoder, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
                     symmetric_ce)
+from models import SPCLModel, build_encoder
+from sampler import PairDataset, PrototypePairSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CIFAR10 = os.path.join(HERE, "..", "shared", "data", "cifar10")
@@ -310,3 +325,834 @@ def test_lars_zero_weight_norm_gives_trust_one():
 def test_lars_rejects_negative_hyper_parameters():
     with pytest.raises(ValueError, match="lr"):
         LARS(nn.Linear(2, 2).parameters(), lr=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster.py and sampler.py
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------- NMI
+
+def _nmi_naive(a, b):
+    """NMI from the definition with python loops: I(a; b) / ((H(a) + H(b)) / 2)."""
+    n = len(a)
+    count_a, count_b, count_ab = Counter(a), Counter(b), Counter(zip(a, b))
+    h_a = -sum(c / n * math.log(c / n) for c in count_a.values())
+    h_b = -sum(c / n * math.log(c / n) for c in count_b.values())
+    mutual = sum(
+        c / n * math.log((c / n) / (count_a[x] / n * count_b[y] / n)) for (x, y), c in count_ab.items()
+    )
+    if h_a == 0 and h_b == 0:
+        return 1.0
+    return mutual / ((h_a + h_b) / 2)
+
+
+def test_nmi_known_answers():
+    assert nmi([0, 0, 1, 1], [5, 5, 2, 2]) == pytest.approx(1.0)  # same partition, other names
+    assert nmi([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(0.0)  # independent
+    assert nmi([3, 3, 3], [1, 1, 1]) == 1.0  # neither splits the dataset
+    # a = {0,1,2 | 3,4,5}, b = {0,1 | 2,3 | 4,5}: I = log 2 - (2/3) log(3/2) ... by hand:
+    # H(a) = log 2, H(b) = log 3, I = H(a) - H(a|b) = log 2 - (1/3) log 2 = (2/3) log 2.
+    expected = (2 / 3) * math.log(2) / ((math.log(2) + math.log(3)) / 2)
+    assert nmi([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx(expected)
+
+
+def test_nmi_matches_definition_and_sklearn():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 7, 500)
+    b = np.where(rng.random(500) < 0.6, a * 3 + 1, rng.integers(-5, 40, 500))  # arbitrary ids
+    assert nmi(a, b) == pytest.approx(_nmi_naive(a.tolist(), b.tolist()), abs=1e-12)
+    metrics = pytest.importorskip("sklearn.metrics")
+    assert nmi(a, b) == pytest.approx(metrics.normalized_mutual_info_score(a, b), abs=1e-12)
+    singletons = np.arange(500)
+    assert nmi(a, singletons) == pytest.approx(metrics.normalized_mutual_info_score(a, singletons), abs=1e-12)
+
+
+def test_nmi_errors():
+    with pytest.raises(ValueError, match="equal length"):
+        nmi([0, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="non-empty"):
+        nmi([], [])
+
+
+# ---------------------------------------------------------------- k-means
+
+def _blobs(n, num_blobs, dim, seed, spread=10.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_blobs, dim)) * spread
+    labels = rng.integers(0, num_blobs, n)
+    return (centres[labels] + rng.normal(size=(n, dim))).astype(np.float32), labels
+
+
+def test_kmeans_recovers_blobs():
+    x, labels = _blobs(2000, 5, 16, seed=0)
+    # Random initial centroids can stop in a local minimum; as faiss's nredo does, keep the
+    # run with the lowest objective (the choice does not look at the labels).
+    runs = [run_kmeans(x, 5, seed=seed, gpu=False) for seed in range(3)]
+    assignments, centroids, stats = min(runs, key=lambda run: run[2]["objective"])
+    assert assignments.dtype == np.int64 and assignments.shape == (2000,)
+    assert centroids.dtype == np.float32 and centroids.shape == (5, 16)
+    assert stats["pca_dim"] == 16  # 256 clamped to D
+    assert nmi(labels, assignments) >= 0.99
+    assert _nmi_naive(labels.tolist(), assignments.tolist()) >= 0.99
+
+
+def test_kmeans_trains_on_all_points_and_stats():
+    # 3000 points, 4 centroids: faiss's default would train on 256 * 4 = 1024 of them.
+    x, _ = _blobs(3000, 4, 8, seed=1)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # so that pca_dim=0 leaves x as it is
+    assignments, centroids, stats = run_kmeans(torch.from_numpy(x), 4, pca_dim=0, gpu=False)
+    for c in range(4):
+        members = x[assignments == c].astype(np.float64)
+        np.testing.assert_allclose(centroids[c], members.mean(0), atol=1e-5)  # the fixed point of Lloyd
+    sizes = sorted(Counter(assignments.tolist()).get(c, 0) for c in range(4))
+    assert (stats["size_min"], stats["size_max"]) == (sizes[0], sizes[-1])
+    assert stats["size_median"] == (sizes[1] + sizes[2]) / 2
+    assert stats["empty_clusters"] == sizes.count(0)
+    objective = sum(float(((x[i] - centroids[assignments[i]]) ** 2).sum()) for i in range(len(x)))
+    assert stats["objective"] == pytest.approx(objective, rel=1e-4)
+    assert stats["pca_dim"] == 0 and stats["seconds"] > 0
+    for i in range(0, 3000, 97):  # every point sits at its nearest centroid
+        assert assignments[i] == np.argmin(((centroids - x[i]) ** 2).sum(1))
+
+
+def test_kmeans_whitening_and_inputs():
+    x, _ = _blobs(10, 2, 64, seed=2)  # N < D: only N - 1 directions exist
+    assignments, centroids, stats = run_kmeans(x, 3, gpu=False)
+    assert stats["pca_dim"] == 9 and centroids.shape == (3, 9) and np.isfinite(centroids).all()
+    x, _ = _blobs(500, 3, 32, seed=3)
+    half = torch.from_numpy(x).half()
+    from_half = run_kmeans(half, 3, pca_dim=8, gpu=False)
+    from_array = run_kmeans(half.float().numpy(), 3, pca_dim=8, gpu=False)
+    np.testing.assert_array_equal(from_half[0], from_array[0])
+    assert from_half[2]["pca_dim"] == 8
+
+
+@pytest.mark.parametrize(
+    "features, k, match",
+    [
+        (np.zeros((5, 4), np.float32) + np.arange(5.0)[:, None], 6, "k <= N"),
+        (np.random.default_rng(0).normal(size=(5, 4)), 1, "2 <= k"),
+        (np.full((5, 4), np.nan), 2, "NaN"),
+        (np.array([[0.0, np.inf]] * 5), 2, "NaN or infinite"),
+        (np.zeros((0, 4)), 2, "non-empty"),
+        (np.zeros(5), 2, r"\[N, D\]"),
+        (np.ones((5, 4)), 2, "identical"),
+    ],
+)
+def test_kmeans_errors(features, k, match):
+    with pytest.raises(ValueError, match=match):
+        run_kmeans(features, k, gpu=False)
+
+
+# ---------------------------------------------------------------- feature extraction
+
+class _IndexedImages(torch.utils.data.Dataset):
+    """(image, target, index), images [3, 2, 2] from a fixed generator."""
+
+    def __init__(self, n):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 2, 2, generator=generator)
+        self.targets = torch.randint(0, 5, (n,), generator=generator)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.targets[index]), index
+
+
+class _RowEncoder(nn.Module):
+    """[B, 3, 2, 2] -> [B, 12], row by row, so the result cannot depend on batching."""
+
+    def forward(self, images):
+        return torch.tanh(images.flatten(1)) * 3
+
+
+def test_extract_features_single_process():
+    dataset = _IndexedImages(23)
+    reference = _RowEncoder()(dataset.images)  # one sequential pass
+    loader = DataLoader(dataset, batch_size=5, shuffle=True)
+    features, targets = extract_features(_RowEncoder(), loader, len(dataset), "cpu", storage_dtype=torch.float32)
+    assert torch.equal(features, reference) and torch.equal(targets, dataset.targets)
+    features, _ = extract_features(_RowEncoder(), loader, len(dataset), "cpu")
+    assert features.dtype == torch.float16 and torch.equal(features, reference.half())
+    missing = DataLoader(dataset, batch_size=5, sampler=[i for i in range(23) if i != 7])
+    with pytest.raises(RuntimeError, match="1 of 23"):
+        extract_features(_RowEncoder(), missing, len(dataset), "cpu")
+    images, targets, _ = next(iter(loader))
+    with pytest.raises(ValueError, match=r"\[0, 23\)"):
+        extract_features(_RowEncoder(), [(images, targets, torch.arange(5) + 20)], len(dataset), "cpu")
+
+
+def _distributed_features_worker(rank, world_size, out_dir):
+    dataset = _IndexedImages(37)  # 37 = 2 * 18 + 1: DistributedSampler pads with a duplicate
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=1)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler)  # last batches hold 3 images
+    result = {}
+    result["fp32"] = extract_features(_RowEncoder(), loader, 37, "cpu", storage_dtype=torch.float32)
+    result["fp16"] = extract_features(_RowEncoder(), loader, 37, "cpu")
+    # 19 and 18 indices: the same number of batches, but last batches of 3 and 2 images.
+    ragged = DataLoader(dataset, batch_size=4, sampler=range(36, -1, -2) if rank == 0 else range(1, 37, 2))
+    result["ragged"] = extract_features(_RowEncoder(), ragged, 37, "cpu", storage_dtype=torch.float32)
+    features = result["fp32"][0]
+    result["kmeans"] = distributed_kmeans(features, 3, 37, seed=4, pca_dim=5)
+    try:
+        distributed_kmeans(features, 100, 37)
+    except ValueError as error:
+        result["kmeans_error"] = str(error)
+    uneven = DataLoader(dataset, batch_size=4, sampler=range(25) if rank == 0 else range(25, 37))
+    try:
+        extract_features(_RowEncoder(), uneven, 37, "cpu")
+    except ValueError as error:
+        result["uneven_error"] = str(error)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+def test_extract_features_and_kmeans_two_processes(tmp_path):
+    _spawn(_distributed_features_worker, 2, tmp_path, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    dataset = _IndexedImages(37)
+    reference = _RowEncoder()(dataset.images)  # one sequential pass, in index order
+    features, targets = rank0["fp32"]
+    assert torch.equal(features, reference) and torch.equal(targets, dataset.targets)
+    assert torch.equal(rank0["fp16"][0], reference.half())
+    assert torch.equal(rank0["ragged"][0], reference) and torch.equal(rank0["ragged"][1], dataset.targets)
+    assert rank1["fp32"] == rank1["fp16"] == rank1["ragged"] == (None, None)
+
+    expected, _, expected_stats = run_kmeans(reference, 3, seed=4, pca_dim=5)
+    for result in (rank0, rank1):
+        assignments, stats = result["kmeans"]
+        assert assignments.dtype == torch.int64 and torch.equal(assignments, torch.from_numpy(expected))
+        assert stats["objective"] == pytest.approx(expected_stats["objective"])
+        assert "k <= N" in result["kmeans_error"]
+        assert "same number of batches" in result["uneven_error"]
+
+
+# ---------------------------------------------------------------- pair sampler
+
+def _epoch(assignments, batch_size, num_replicas, drop_last=True, p_same=0.5, seed=0, epoch=0):
+    """All ranks' batches of one epoch, checked against the contract; returns the global pairs."""
+    labels = np.asarray(assignments).tolist()
+    n = len(labels)
+    per_rank = []
+    for rank in range(num_replicas):
+        sampler = PrototypePairSampler(assignments, batch_size, num_replicas, rank, seed, p_same, drop_last)
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        per_rank.append(batches)
+
+    pairs = []
+    for step in range(len(per_rank[0])):
+        slices = [batches[step] for batches in per_rank]
+        assert len({len(s) for s in slices}) == 1  # equal batches on every rank
+        if step < len(per_rank[0]) - 1 or drop_last:
+            assert len(slices[0]) == batch_size // 2 // num_replicas
+        for triple in (t for s in slices for t in s):
+            assert len(triple) == 3 and all(type(v) is int for v in triple)
+            anchor, partner, same = triple
+            assert same == int(labels[anchor] == labels[partner])
+            pairs.append(triple)
+
+    used = Counter(i for anchor, partner, _ in pairs for i in (anchor, partner))
+    assert max(used.values()) == 1 and all(0 <= i < n for i in used)
+    pairs_per_batch, total = batch_size // 2, n // 2
+    if drop_last:
+        expected = total - total % pairs_per_batch
+    else:
+        rest = total % pairs_per_batch
+        expected = total - rest % num_replicas
+    assert len(pairs) == expected
+    return pairs
+
+
+def _share_bounds(labels):
+    """Fewest and most same pairs any pairing of the dataset can have, as shares of N // 2 pairs."""
+    sizes = list(Counter(np.asarray(labels).tolist()).values())
+    n, largest = sum(sizes), max(sizes)
+    most = sum(s // 2 for s in sizes)
+    fewest = math.ceil(max(0, largest - (n - largest)) / 2)  # the excess must pair with itself
+    return fewest / (n // 2), most / (n // 2)
+
+
+def _partitions():
+    rng = np.random.default_rng(0)
+    n = 10_007
+    return {
+        "random": rng.integers(0, 50, n),
+        "skewed": np.minimum(rng.geometric(0.05, n), 200),
+        "odd_sizes": np.repeat(np.arange(n // 3 + 1), 3)[:n],
+        "sparse_ids": rng.integers(0, 30, n) * 1_000_003 - 7,
+        "one_giant": np.zeros(n, np.int64),
+        "giant_and_rest": np.where(rng.random(n) < 0.8, 0, rng.integers(1, 100, n)),
+        "two_unequal": (rng.random(n) < 0.1).astype(np.int64),
+        "singletons": np.arange(n),
+    }
+
+
+@pytest.mark.parametrize("name", list(_partitions()))
+@pytest.mark.parametrize("num_replicas", [1, 2, 3])
+def test_sampler_contract(name, num_replicas):
+    labels = _partitions()[name]
+    for drop_last in (True, False):
+        pairs = _epoch(labels, 60, num_replicas, drop_last=drop_last, seed=num_replicas)
+    fewest, most = _share_bounds(labels)
+    share = sum(same for _, _, same in pairs) / len(pairs)
+    assert abs(share - min(max(0.5, fewest), most)) <= 0.02
+
+
+@pytest.mark.parametrize("p_same", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_sampler_share_of_same_pairs(p_same):
+    labels = _partitions()["random"]
+    pairs = _epoch(labels, 2, 1, drop_last=False, p_same=p_same)  # every pair kept
+    fewest, most = (round(bound * len(pairs)) for bound in _share_bounds(labels))
+    wanted = min(max(round(p_same * len(pairs)), fewest), most)  # p_same = 1 is out of reach
+    assert abs(sum(same for _, _, same in pairs) - wanted) <= 1
+
+
+def test_sampler_global_order_and_determinism():
+    labels = _partitions()["random"][:3000]
+    one = _epoch(labels, 60, 1)
+    assert _epoch(labels, 60, 2) == one and _epoch(labels, 60, 3) == one  # ranks only slice
+    assert _epoch(labels, 60, 1) == one
+    assert _epoch(labels, 60, 1, epoch=1) != one and _epoch(labels, 60, 1, seed=1) != one
+    assert _epoch(np.roll(labels, 1), 60, 1) != one
+
+    sampler = PrototypePairSampler(torch.from_numpy(labels), 60)
+    assert list(sampler) == [[tuple(t) for t in one[i : i + 30]] for i in range(0, len(one), 30)]
+    sampler.set_epoch(1)
+    assert list(sampler) != list(PrototypePairSampler(labels, 60))
+    sampler.set_epoch(0)
+    sampler.set_assignments(np.arange(3000))
+    assert all(same == 0 for batch in sampler for _, _, same in batch)
+
+
+def test_sampler_singletons_give_uniform_pairs():
+    counts = Counter()
+    sampler = PrototypePairSampler(np.arange(10), 10)
+    for epoch in range(3000):
+        sampler.set_epoch(epoch)
+        counts.update(frozenset(pair[:2]) for batch in sampler for pair in batch)
+    assert len(counts) == 45  # every one of the 10 * 9 / 2 pairs occurs
+    expected = 3000 * 5 / 45  # 5 pairs an epoch, spread evenly: about 333, sd about 17
+    assert all(abs(c - expected) < 85 for c in counts.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=7), "multiple of 2"),
+        (dict(batch_size=8, num_replicas=3), "multiple of 2"),
+        (dict(batch_size=0), "positive"),
+        (dict(p_same=1.5), "p_same"),
+        (dict(p_same=-0.1), "p_same"),
+        (dict(rank=2, num_replicas=2), "rank"),
+        (dict(num_replicas=0), "num_replicas"),
+        (dict(batch_size=22), "more than"),
+        (dict(assignments=np.zeros(20, np.float32)), "integers"),
+        (dict(assignments=np.zeros((20, 2), np.int64)), "1-D"),
+        (dict(assignments=np.zeros(0, np.int64)), "non-empty"),
+    ],
+)
+def test_sampler_errors(kwargs, match):
+    args = dict(assignments=np.arange(21) % 4, batch_size=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        PrototypePairSampler(**args)
+
+
+# ---------------------------------------------------------------- pair dataset
+
+def test_pair_dataset_through_a_loader():
+    n = 40
+    base = [(torch.full((1, 2, 2), float(i)), 100 + i) for i in range(n)]  # the image holds its index
+    calls = Counter()
+
+    def transform(img):
+        calls[int(img[0, 0, 0])] += 1
+        return img.clone()
+
+    dataset = PairDataset(base, transform)
+    labels = np.arange(n) % 6
+    sampler = PrototypePairSampler(labels, 8, num_replicas=2, rank=1)
+    loader = DataLoader(dataset, batch_sampler=sampler)
+    with pytest.raises(RuntimeError, match="set_assignments"):
+        next(iter(loader))
+    with pytest.raises(ValueError, match="N = 40"):
+        dataset.set_assignments(np.arange(n - 1))
+
+    for protos in (labels, np.stack([labels, np.arange(n) % 3], axis=1)):
+        dataset.set_assignments(torch.from_numpy(protos))
+        for triples, batch in zip(sampler, loader):
+            a1, a2, b1, b2, same, target_a, target_b, proto_a, proto_b = batch
+            a = torch.tensor([t[0] for t in triples])
+            b = torch.tensor([t[1] for t in triples])
+            assert a1.shape == (2, 1, 2, 2)
+            for view, index in ((a1, a), (a2, a), (b1, b), (b2, b)):
+                assert torch.equal(view[:, 0, 0, 0].long(), index)
+            assert same.tolist() == [t[2] for t in triples]
+            assert torch.equal(target_a, 100 + a) and torch.equal(target_b, 100 + b)
+            assert torch.equal(proto_a, torch.from_numpy(protos)[a]) and proto_a.dtype == torch.int64
+            assert torch.equal(proto_b, torch.from_numpy(protos)[b])
+    assert set(calls.values()) == {4}  # two views per image, two passes
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py, on real CIFAR-10 images (a few hundred, copied into a small ImageFolder tree)
+# ---------------------------------------------------------------------------------------------
+
+needs_cifar = pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR10, "train")),
+                                 reason="needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """An ImageFolder tree of real CIFAR-10 JPEGs: 32 train and 8 test images per class."""
+    if not os.path.isdir(os.path.join(CIFAR10, "train")):
+        pytest.skip("needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
+    root = tmp_path_factory.mktemp("cifar10_small")
+    for split, per_class in (("train", 32), ("test", 8)):
+        for cls in sorted(os.listdir(os.path.join(CIFAR10, split))):
+            os.makedirs(root / split / cls)
+            for name in sorted(os.listdir(os.path.join(CIFAR10, split, cls)))[:per_class]:
+                os.symlink(os.path.join(CIFAR10, split, cls, name), root / split / cls / name)
+    return str(root)
+
+
+def _train_args(data_root, out, *extra):
+    return ["--dataset", "cifar10", "--data", data_root, "--out", str(out), "--arch", "resnet18_narrow",
+            "--epochs", "2", "--batch-size", "64", "--num-prototypes", "8", "--warmup-epochs", "1",
+            "--workers", "1", *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _all_finite(value):
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path):
+    train.main(_train_args(small_cifar, tmp_path, "--knn-every", "1"))
+    rows = _metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert _all_finite(r) and 0 <= r["knn_top1"] <= 100
+        assert r["kmeans_k8"]["size_min"] + r["kmeans_k8"]["empty_clusters"] > 0   # clustering ran
+        assert {"loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "sim_tn", "nmi_gt"} <= set(r)
+    assert "nmi_prev" in rows[1]
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["assignments"].shape == (320, 1)
+    assert ckpt["config"]["arch"] == "resnet18_narrow"
+
+
+@needs_cifar
+def test_loss_falls_on_one_fixed_batch(small_cifar):
+    args = train.get_args(_train_args(small_cifar, "unused"))
+    torch.manual_seed(0)
+    images = data.load_dataset("cifar10", small_cifar, train=True).images[:32]
+    augment = data.BatchAugment(32, data.MEAN_STD["cifar10"])
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = augment(images, g), augment(images, g)
+    same = torch.tensor([1, 0] * 8)
+    protos = torch.randint(0, 8, (32, 1), generator=g)
+    from models import SPCLModel
+    model = SPCLModel("resnet18_narrow", True, [8])
+    step = train.TrainStep(model, args)
+    opt = LARS(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(15):
+        loss = step(v1, v2, same, protos, True)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _run(cmd, **kw):
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240, **kw)
+
+
+def test_resume_is_exact(small_cifar, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(_train_args(small_cifar, straight))
+    for _ in range(2):        # two fresh processes, one epoch each
+        result = _run([sys.executable, "train.py", *_train_args(small_cifar, split, "--stop-after", "1")])
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    a = torch.load(straight / "checkpoint.pth", weights_only=True)
+    b = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["assignments"], b["assignments"])
+
+
+def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path))
+
+    def dying_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, str(tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+
+
+def _torchrun(args, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra, "train.py", *args]
+
+
+def test_torchrun_two_processes_one_epoch(small_cifar, tmp_path):
+    result = _run(_torchrun(_train_args(small_cifar, tmp_path, "--epochs", "1")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _metrics(tmp_path)
+    assert len(rows) == 1 and _all_finite(rows[0]) and "kmeans_k8" in rows[0]
+    assert "world size 2" in result.stdout
+
+
+def _descendants(pid):
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the workers through Linux /proc")
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar, tmp_path):
+    args = _train_args(small_cifar, tmp_path, "--epochs", "4")
+    proc = subprocess.Popen(_torchrun(args, "--max-restarts", "1"), cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.exists(tmp_path / "checkpoint.pth"), "no checkpoint after the first epoch"
+        time.sleep(0.5)                                        # into the second epoch
+        workers = [p for p in _descendants(proc.pid)
+                   if "train.py" in open(f"/proc/{p}/cmdline").read() and p != proc.pid]
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=200)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)                # torchrun and any stray worker
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 4
+    assert sorted({r["epoch"] for r in _metrics(tmp_path)}) == [0, 1, 2, 3]
+
+
+def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_path):
+    train.main(_train_args(small_cifar, tmp_path / "simclr", "--epochs", "1", "--w-metric", "0", "--w-proto", "0"))
+    row = _metrics(tmp_path / "simclr")[0]
+    assert "cluster_seconds" not in row and "loss_metric" not in row and "loss_proto" not in row
+    assert set(row) >= {"loss_con", "sim_tp"}
+    train.main(_train_args(small_cifar, tmp_path / "gt", "--epochs", "1", "--prototypes", "gt"))
+    ckpt = torch.load(tmp_path / "gt" / "checkpoint.pth", weights_only=True)
+    labels = data.load_dataset("cifar10", small_cifar, train=True).targets
+    assert torch.equal(ckpt["assignments"][:, 0], labels)
+    assert "cluster_seconds" not in _metrics(tmp_path / "gt")[0]
+
+
+def test_sce_and_several_k_run(small_cifar, tmp_path):
+    train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--proto-loss", "sce", "--num-prototypes", "4,8"))
+    row = _metrics(tmp_path)[0]
+    assert "kmeans_k4" in row and "kmeans_k8" in row and _all_finite(row)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["assignments"].shape == (320, 2)
+    assert ckpt["model"]["proto_heads.0.weight"].shape[0] == 4 and ckpt["model"]["proto_heads.1.weight"].shape[0] == 8
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data", "/nonexistent"], "is not a directory"),
+    (["--data", HERE], "neither torchvision's"),
+    (["--batch-size", "63"], "divisible by 2"),
+    (["--num-prototypes", "320"], "2 <= K < N"),
+    (["--arch", "resnet7"], "unknown --arch"),
+])
+def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(_train_args(small_cifar, tmp_path) + extra)
+
+
+def test_checkpoint_of_another_configuration_is_refused(small_cifar, tmp_path):
+    train.main(_train_args(small_cifar, tmp_path, "--epochs", "1"))
+    with pytest.raises(SystemExit, match="num_prototypes: checkpoint \\[8\\], now \\[4\\]"):
+        train.main(_train_args(small_cifar, tmp_path, "--num-prototypes", "4"))
+    with open(tmp_path / "checkpoint.pth", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        train.main(_train_args(small_cifar, tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# kNN
+# ---------------------------------------------------------------------------------------------
+
+def _naive_knn(train_features, train_targets, test_features, test_targets, k, t):
+    """Wu et al.'s weighted vote, one test image at a time, in float64."""
+    train_x = train_features.double().numpy()
+    train_norms = np.linalg.norm(train_x, axis=1)
+    correct = 0
+    for q, y in zip(test_features.double().numpy(), test_targets.tolist()):
+        sims = (train_x @ q / (train_norms * np.linalg.norm(q))).tolist()
+        nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        scores = {}
+        for i in nearest:
+            label = int(train_targets[i])
+            scores[label] = scores.get(label, 0.0) + math.exp(sims[i] / t)
+        correct += max(scores, key=scores.get) == y
+    return 100.0 * correct / len(test_targets)
+
+
+def test_knn_hand_computed_toy_case():
+    # Cosine similarities to q1 = [2, 0] are the x-coordinates of the unit vectors: 1, .6, .6, 0, -1.
+    # The second 0.6 is scaled by 3: cosine, not dot product, must ignore that.
+    train_x = torch.tensor([[1.0, 0.0], [1.8, 2.4], [0.6, -0.8], [0.0, 1.0], [-1.0, 0.0]])
+    train_y = torch.tensor([1, 0, 0, 2, 2])
+    q1 = torch.tensor([[2.0, 0.0]])
+    # k=3, t=0.1: class 1 scores e^10 = 22026, class 0 scores 2 e^6 = 807: a weighted vote says 1,
+    # although a majority vote says 0.
+    assert knn_top1(train_x, train_y, q1, torch.tensor([1]), k=3, temperature=0.1) == 100.0
+    # k=3, t=1: class 1 e^1 = 2.72 < class 0 2 e^0.6 = 3.64.
+    assert knn_top1(train_x, train_y, q1, torch.tensor([0]), k=3, temperature=1.0) == 100.0
+    # k=1: only the nearest votes.
+    assert knn_top1(train_x, train_y, q1, torch.tensor([1]), k=1, temperature=1.0) == 100.0
+    # q2 = [-.6, -.8]: similarities -.6, -1, .28, -.8, .6. k=2: {.6 -> 2, .28 -> 0} says 2; k=200
+    # (clamped to 5), t=1: class 2 e^.6 + e^-.8 = 2.27 > class 0 e^.28 + e^-1 = 1.69 > class 1 .55.
+    q2 = torch.tensor([[-0.6, -0.8]])
+    assert knn_top1(train_x, train_y, q2, torch.tensor([2]), k=2, temperature=1.0) == 100.0
+    assert knn_top1(train_x, train_y, q2, torch.tensor([2]), k=200, temperature=1.0) == 100.0
+    both = torch.cat([q1, q2])
+    assert knn_top1(train_x, train_y, both, torch.tensor([1, 0]), k=3, temperature=0.1) == 50.0
+
+
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_knn_matches_naive_loop_in_fp16_blocks(chunk):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g)
+    train_y, test_y = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (60,), generator=g)
+    train_x = (centres[train_y] + 1.5 * torch.randn(300, 16, generator=g)).half()
+    test_x = (centres[test_y] + 1.5 * torch.randn(60, 16, generator=g)).half()
+    for k, t in ((20, 0.1), (7, 0.5)):
+        expected = _naive_knn(train_x, train_y, test_x, test_y, k, t)
+        assert 20 < expected < 100                           # a case that can tell right from wrong
+        assert knn_top1(train_x, train_y, test_x, test_y, k=k, temperature=t, chunk=chunk) == pytest.approx(expected)
+
+
+def test_knn_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\[N, F\] and \[M, F\]"):
+        knn_top1(torch.randn(4, 3), torch.zeros(4), torch.randn(2, 5), torch.zeros(2))
+    with pytest.raises(ValueError, match="one target per feature"):
+        knn_top1(torch.randn(4, 3), torch.zeros(3), torch.randn(2, 3), torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe on synthetic features
+# ---------------------------------------------------------------------------------------------
+
+def test_evaluate_matches_naive_top1_top5():
+    g = torch.Generator().manual_seed(1)
+    classifier = nn.Linear(8, 10)
+    x, y = torch.randn(50, 8, generator=g), torch.randint(0, 10, (50,), generator=g)
+    with torch.no_grad():
+        logits = classifier(x)
+    ranks = [sorted(range(10), key=lambda c: -float(row[c])) for row in logits]
+    top1 = 100 * sum(r[0] == int(t) for r, t in zip(ranks, y)) / 50
+    top5 = 100 * sum(int(t) in r[:5] for r, t in zip(ranks, y)) / 50
+    assert evaluate(classifier, x, y, chunk=16) == pytest.approx((top1, top5))
+
+
+def test_probe_reaches_95_percent_on_linearly_separable_features():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(10, 32, generator=g)
+
+    def sample(n):
+        y = torch.randint(0, 10, (n,), generator=g)
+        return means[y] + 0.3 * torch.randn(n, 32, generator=g), y
+
+    (train_x, train_y), (test_x, test_y) = sample(2000), sample(1000)
+    torch.manual_seed(0)
+    classifier = nn.Linear(32, 10)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+
+    def batches(epoch):
+        for idx in torch.randperm(2000, generator=g).split(256):
+            yield train_x[idx], train_y[idx]
+
+    train_classifier(classifier, batches, epochs=10, steps_per_epoch=8, lr=0.1)
+    top1, top5 = evaluate(classifier, test_x, test_y)
+    assert top1 >= 95 and top5 >= top1
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and export
+# ---------------------------------------------------------------------------------------------
+
+def _spcl_checkpoint(path, arch="resnet18_narrow", dataset="cifar10", image_size=32, model=None):
+    """A file in train.py's checkpoint.pth format; returns the model it holds."""
+    model = model or SPCLModel(arch, image_size <= 64, [8])
+    torch.save({"model": model.state_dict(), "config": {"arch": arch, "dataset": dataset, "image_size": image_size},
+                "epoch": 3}, path)
+    return model
+
+
+def _with_bn_statistics(encoder, size):
+    """BN running statistics that differ from their initial 0 and 1, so that export must carry them."""
+    encoder.train()
+    with torch.no_grad():
+        encoder(torch.randn(4, 3, size, size))
+    return encoder.eval()
+
+
+def test_export_loads_into_torchvision_resnet50_strict_with_equal_features(tmp_path):
+    encoder = _with_bn_statistics(build_encoder("resnet50", cifar_stem=False)[0], 64)
+    export_encoder(encoder, str(tmp_path / "resnet50.pth"))
+    reference = torchvision.models.resnet50()
+    reference.fc = nn.Identity()                    # fc set aside: the export has none
+    reference.load_state_dict(torch.load(tmp_path / "resnet50.pth", weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), reference.eval()(x), atol=1e-6)
+
+
+def test_export_from_checkpoint_of_cifar_stem_roundtrips(tmp_path):
+    model = SPCLModel("resnet18_narrow", cifar_stem=True, num_prototypes=[8])
+    _with_bn_statistics(model.encoder, 32)
+    _spcl_checkpoint(tmp_path / "checkpoint.pth", model=model)
+    linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--export", str(tmp_path / "enc.pth")])
+    state = torch.load(tmp_path / "enc.pth", weights_only=True)
+    assert not any(key.startswith("fc.") for key in state)
+    network = build_encoder("resnet18_narrow", cifar_stem=True)[0]   # the CIFAR-stem model of models.py
+    network.load_state_dict(state, strict=True)
+    loaded, info = load_encoder(str(tmp_path / "enc.pth"), arch="resnet18_narrow")
+    assert info["cifar_stem"] and info["format"] == "torchvision"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        h = model.encoder.eval()(x)
+        assert torch.allclose(network.eval()(x), h, atol=1e-6)
+        assert torch.allclose(loaded.eval()(x), h, atol=1e-6)
+
+
+def test_plain_state_dict_with_fc_loads(tmp_path):
+    network = torchvision.models.resnet18()
+    torch.save(network.state_dict(), tmp_path / "tv.pth")                   # fc.* included
+    encoder, info = load_encoder(str(tmp_path / "tv.pth"), arch="resnet18")
+    assert not info["cifar_stem"] and info["feature_dim"] == 512
+    assert torch.equal(encoder.conv1.weight, network.conv1.weight)
+
+
+def test_bad_checkpoints_get_clear_messages(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_encoder(str(tmp_path / "nothing.pth"))
+    _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    blob = (tmp_path / "checkpoint.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match="cannot read checkpoint .*truncated"):
+        load_encoder(str(tmp_path / "truncated.pth"))
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_encoder(str(tmp_path / "text.pth"))
+    with pytest.raises(ValueError, match="resnet18_narrow encoder .* but --arch resnet50"):
+        load_encoder(str(tmp_path / "checkpoint.pth"), arch="resnet50")
+    with pytest.raises(ValueError, match="pre-trained on cifar10, but --dataset cifar100"):
+        load_encoder(str(tmp_path / "checkpoint.pth"), dataset="cifar100")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
+    with pytest.raises(ValueError, match="plain state dict.*--arch"):
+        load_encoder(str(tmp_path / "tv.pth"))
+    with pytest.raises(ValueError, match="does not fit a resnet34 .*missing keys .*layer1.2"):
+        load_encoder(str(tmp_path / "tv.pth"), arch="resnet34")
+    with pytest.raises(ValueError, match="does not fit a resnet50 .*another shape"):
+        load_encoder(str(tmp_path / "tv.pth"), arch="resnet50")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="neither"):
+        load_encoder(str(tmp_path / "list.pth"))
+    with pytest.raises(SystemExit, match="linear_eval.py: error: .*does not exist"):
+        linear_eval.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--knn"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real CIFAR-10 images
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encoders(small_cifar, tmp_path_factory):
+    """{"fresh": a random encoder as a plain state dict, "pretrained": train.py's checkpoint.pth
+    after one short epoch of SPCL}, with the extra flags each needs."""
+    out = tmp_path_factory.mktemp("spcl_run")
+    train.main(["--dataset", "cifar10", "--data", small_cifar, "--train-subset", "256", "--epochs", "1",
+                "--batch-size", "64", "--arch", "resnet18_narrow", "--num-prototypes", "8", "--out", str(out),
+                "--workers", "1"])
+    torch.manual_seed(0)
+    export_encoder(build_encoder("resnet18_narrow", cifar_stem=True)[0], str(out / "fresh.pth"))
+    return {"fresh": [str(out / "fresh.pth"), "--arch", "resnet18_narrow", "--dataset", "cifar10"],
+            "pretrained": [str(out / "checkpoint.pth")]}
+
+
+@pytest.mark.parametrize("mode", ["cached", "augmented"])
+@pytest.mark.parametrize("which", ["fresh", "pretrained"])
+def test_linear_eval_on_real_cifar_leaves_the_encoder_alone(small_cifar, encoders, which, mode, tmp_path, monkeypatch):
+    seen = {}
+
+    def spy(*args, **kwargs):                    # keep the very encoder main() trains against
+        seen["encoder"], info = load_encoder(*args, **kwargs)
+        return seen["encoder"], info
+
+    monkeypatch.setattr(linear_eval, "load_encoder", spy)
+    linear_eval.main(["--checkpoint", *encoders[which], "--data", small_cifar, "--subset", "200",
+                      "--test-subset", "60", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+                      "--out", str(tmp_path)] + (["--cached"] if mode == "cached" else []))
+    with open(tmp_path / "linear_eval.jsonl") as f:
+        (result,) = [json.loads(line) for line in f]
+    assert result["mode"] == mode and result["encoder_unchanged"] is True
+    assert result["train_images"] == 200 and result["test_images"] == 60
+    assert result["lr"] == pytest.approx(0.1 * 64 / 256)
+    assert 0 <= result["top1"] <= result["top5"] <= 100
+    untouched, _ = load_encoder(encoders[which][0], arch="resnet18_narrow")
+    for key, value in untouched.state_dict().items():        # BN running statistics included
+        assert torch.equal(seen["encoder"].state_dict()[key].cpu(), value), key
+
+
+def test_knn_mode_matches_a_plain_forward_pass(small_cifar, encoders, tmp_path):
+    result = linear_eval.main(["--checkpoint", *encoders["pretrained"], "--data", small_cifar, "--knn",
+                               "--knn-k", "20", "--workers", "0", "--out", str(tmp_path / "knn.jsonl")])
+    encoder, _ = load_encoder(encoders["pretrained"][0])
+    encoder.eval()
+    features = {}
+    for split in ("train", "test"):
+        ds = data.load_dataset("cifar10", small_cifar, train=split == "train", workers=1)
+        with torch.no_grad():
+            features[split] = (encoder(torch.stack([ds[i][0] for i in range(len(ds))])), ds.targets)
+    expected = _naive_knn(*features["train"], *features["test"], k=20, t=0.1)
+    # main() stores features in fp16: a near-tie may flip, at most for one of the 80 test images.
+    assert abs(result["knn_top1"] - expected) <= 100 / 80 + 1e-9
+    with open(tmp_path / "knn.jsonl") as f:
+        assert json.loads(f.readline())["knn_top1"] == result["knn_top1"]
+
+
+def test_augmented_probe_under_torchrun_with_two_processes(small_cifar, encoders, tmp_path):
+    out = tmp_path / "result.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "linear_eval.py", "--checkpoint", *encoders["pretrained"], "--data", small_cifar, "--epochs", "1",
+               "--batch-size", "64", "--workers", "0", "--out", str(out)]
+    finished = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    with open(out) as f:
+        (result,) = [json.loads(line) for line in f]          # one line: rank 0 alone writes
+    assert result["world_size"] == 2 and result["mode"] == "augmented" and result["encoder_unchanged"]
+    assert 0 <= result["top1"] <= result["top5"] <= 100

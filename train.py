@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from tqdm import tqdm
 import cluster
 import data
 from lars import LARS
+from linear_eval import knn_top1
 from losses import spcl_loss
 from models import ARCHS, SPCLModel
 from sampler import PairDataset, PrototypePairSampler
@@ -75,6 +77,8 @@ def get_args(argv=None):
                    help="plain SimCLR before this epoch, while clusters are still noise")
     p.add_argument("--knn-every", type=int, default=0, help="kNN top-1 on the test set every N epochs; 0 = never")
     p.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset of N images")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="exit after this many epochs of this run (a job slot shorter than the schedule)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -90,19 +94,26 @@ def fail(message, master=True):
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process.
+    Returns (rank, world size, device)."""
     if "RANK" not in os.environ:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, device
-    local_rank = int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torchrun keeps its key-value store across worker restarts (--max-restarts), and gloo would
+    # read the dead workers' addresses from it: each restart gets keys of its own.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=30))
+    store = dist.PrefixStore(f"spcl_restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device
 
 
 def lr_at(step, total_steps, warmup_steps, base_lr):
@@ -154,26 +165,24 @@ def similarity_stats(z1, z2, targets):
     return sums, counts
 
 
-def in_memory_batches(dataset, indices, batch_size, augment=None, generator=None):
-    """(images, targets, indices) batches of an InMemoryImages, the eval view or one augmentation."""
-    for chunk in torch.as_tensor(indices).split(batch_size):
-        if augment is None:
-            x = torch.stack([dataset[int(i)][0] for i in chunk])
-        else:
-            x = augment(dataset.images[chunk], generator)
-        yield x, dataset.targets[chunk], chunk
+def eval_features(args, encoder, dataset, rank, world, device):
+    """Encoder features [N, F] (fp16, rank 0; None elsewhere) of a whole split in the evaluation view."""
+    batches = data.eval_batches(dataset, rank, world, args.image_size, data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"]),
+                                args.workers)
+    return cluster.extract_features(encoder, batches, len(dataset), device, autocast=device.type == "cuda")[0]
 
 
-def feature_batches(args, train_set, rank, world, epoch, augment, eval_tf):
-    """This rank's shard of the whole training set for the feature pass (padded like DistributedSampler)."""
+def augmented_features(args, encoder, train_set, augment, rank, world, epoch, device):
+    """As eval_features, from one random SimCLR augmentation of every image (--cluster-aug, the paper)."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=False)
-    batch_size = 512
     if isinstance(train_set, data.InMemoryImages):
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank)
-        return in_memory_batches(train_set, list(sampler), batch_size, augment if args.cluster_aug else None, g)
-    train_set.transform = data.simclr_transform(args.image_size) if args.cluster_aug else eval_tf
-    return torch.utils.data.DataLoader(data.WithIndex(train_set), batch_size=batch_size, sampler=sampler,
-                                       num_workers=args.workers, pin_memory=True)
+        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank + 7)
+        batches = data.InMemoryLoader(train_set, list(sampler), 512, augment, g)
+    else:
+        train_set.transform = data.simclr_transform(args.image_size)
+        batches = torch.utils.data.DataLoader(data.WithIndex(train_set), batch_size=512, sampler=sampler,
+                                              num_workers=args.workers, pin_memory=True)
+    return cluster.extract_features(encoder, batches, len(train_set), device, autocast=device.type == "cuda")[0]
 
 
 def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
@@ -235,19 +244,12 @@ def main(argv=None):
         test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
     except (ValueError, RuntimeError, OSError) as e:
         fail(str(e), master)
+    try:
+        train_set = data.subset(train_set, args.train_subset, seed=1234)
+    except ValueError as e:
+        fail(f"--train-subset: {e}", master)
     in_memory = isinstance(train_set, data.InMemoryImages)
-    targets = train_set.targets if in_memory else torch.as_tensor(train_set.targets)
-    if args.train_subset:
-        if not 0 < args.train_subset <= len(targets):
-            fail(f"--train-subset {args.train_subset} must lie in [1, {len(targets)}]", master)
-        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(1234))[:args.train_subset].sort().values
-        if in_memory:
-            train_set = data.InMemoryImages(train_set.images[keep], targets[keep], train_set.classes,
-                                            *data.MEAN_STD[args.dataset])
-        else:
-            train_set.samples = [train_set.samples[i] for i in keep]
-            train_set.targets = [train_set.targets[i] for i in keep]
-        targets = targets[keep]
+    targets = torch.as_tensor(train_set.targets)
     N = len(targets)
     num_classes = len(train_set.classes)
     uses_prototypes = bool(args.w_metric or args.w_proto)
@@ -297,7 +299,6 @@ def main(argv=None):
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
 
     augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset]) if in_memory else None
-    eval_tf = None if in_memory else data.eval_transform(args.image_size)
     pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size))
     sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, rank, seed=args.seed, p_same=args.p_same)
     steps_per_epoch = len(sampler)
@@ -305,21 +306,23 @@ def main(argv=None):
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
 
+    # Train features [N, F] on rank 0 (None elsewhere); `reuse` (the same on every rank) says that
+    # the previous epoch's kNN pass made them from the current weights, so clustering can use them.
+    features, reuse = None, False
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         stats = {"epoch": epoch}
         use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
-        features = None
         # ---- 1. prototypes --------------------------------------------------------------------
         if use_prototypes and args.prototypes == "gt":
             assignments = targets[:, None]                              # N x 1
         elif use_prototypes:
             t0 = time.time()
-            model.eval()
-            features, _ = cluster.extract_features(
-                model.encoder, feature_batches(args, train_set, rank, world, epoch, augment, eval_tf),
-                N, device, autocast=cuda)
-            model.train()
+            if not reuse:
+                model.eval()
+                features = (augmented_features(args, model.encoder, train_set, augment, rank, world, epoch, device)
+                            if args.cluster_aug else eval_features(args, model.encoder, train_set, rank, world, device))
+                model.train()
             stats["feature_seconds"] = time.time() - t0
             columns = []
             for k in ks:
@@ -395,9 +398,16 @@ def main(argv=None):
                      train_seconds=train_seconds, images_seen=(epoch + 1) * steps_per_epoch * args.batch_size)
 
         # ---- 3. kNN monitor, log, checkpoint ---------------------------------------------------
-        if args.knn_every and (epoch + 1) % args.knn_every == 0:
-            stats["knn_top1"] = knn_monitor(args, model, train_set, test_set, features, rank, world, epoch,
-                                            augment, eval_tf, device)
+        features, reuse = None, False
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            model.eval()
+            features = eval_features(args, model.encoder, train_set, rank, world, device)
+            test_features = eval_features(args, model.encoder, test_set, rank, world, device)
+            model.train()
+            if master:
+                stats["knn_top1"] = knn_top1(features, targets, test_features, test_set.targets,
+                                             num_classes=num_classes)
+            reuse = not args.cluster_aug
         stats["epoch_seconds"] = time.time() - epoch_start
         if master:
             with open(metrics_path, "a") as f:
@@ -410,30 +420,10 @@ def main(argv=None):
         previous = assignments
         if world > 1:
             dist.barrier()
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
+            break
     if world > 1:
         dist.destroy_process_group()
-
-
-def knn_monitor(args, model, train_set, test_set, train_features, rank, world, epoch, augment, eval_tf, device):
-    """Weighted kNN top-1 (%) on the test set; reuses the clustering pass's train features."""
-    import knn
-    model.eval()
-    if train_features is None or args.cluster_aug:
-        train_features, _ = cluster.extract_features(
-            model.encoder, feature_batches(args, train_set, rank, world, epoch, None, eval_tf), len(train_set), device)
-    test_sampler_set = test_set
-    if not isinstance(test_set, data.InMemoryImages):
-        test_set.transform = eval_tf
-    sampler = torch.utils.data.DistributedSampler(test_sampler_set, world, rank, shuffle=False)
-    loader = (in_memory_batches(test_set, list(sampler), 512) if isinstance(test_set, data.InMemoryImages) else
-              torch.utils.data.DataLoader(data.WithIndex(test_set), batch_size=512, sampler=sampler,
-                                          num_workers=args.workers))
-    test_features, test_targets = cluster.extract_features(model.encoder, loader, len(test_set), device)
-    model.train()
-    if rank != 0:
-        return None
-    train_targets = train_set.targets if isinstance(train_set, data.InMemoryImages) else torch.as_tensor(train_set.targets)
-    return knn.knn_top1(train_features, train_targets, test_features, test_targets)
 
 
 if __name__ == "__main__":

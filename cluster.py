@@ -1,0 +1,236 @@
+"""Prototypes: k-means on encoder features at the start of every epoch (SPEC.md, "Per epoch", 1).
+
+    features, targets = extract_features(encoder, loader, N, device)  # rank 0; None elsewhere
+    assignments, stats = distributed_kmeans(features, K, N, seed=seed + epoch, device=device)
+
+The features are gathered onto rank 0 only, batch by batch, into one [N, F] buffer (fp16 by
+default: 5.2 GB for ImageNet with a ResNet-50), which is the only full copy on any process.
+Rank 0 clusters them as DeepCluster and the official code do (PCA-whitening to 256 dims, L2
+normalisation, 20 Lloyd iterations of faiss k-means from random centroids) and broadcasts
+the assignments. `nmi` measures the partition against the labels or the previous epoch.
+"""
+
+import time
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16, autocast=False):
+    """Encoder features of every image, in dataset-index order, collected on rank 0.
+
+    Args:
+        encoder: images [B, 3, H, W] -> features [B, F]. Used as given: put it in eval mode
+            first if BatchNorm statistics must not move.
+        loader: yields (images, targets, indices), indices being dataset indices. Any order,
+            any sampler, e.g. a shuffled DistributedSampler: its padding duplicates are
+            written twice to the same row with the same values.
+        num_samples: N, the dataset size.
+        device: where the encoder runs, and where the collectives run (NCCL needs CUDA).
+        storage_dtype: dtype of the returned features; fp16 halves rank 0's memory.
+        autocast: run the encoder under torch.autocast.
+
+    Returns:
+        On rank 0, (features [N, F] CPU storage_dtype, targets [N] CPU int64);
+        (None, None) on the other ranks.
+    """
+    device = torch.device(device)
+    rank, world_size = _dist_info()
+    if world_size > 1:
+        # max and -min in one reduction: a rank with fewer batches would hang the others.
+        num_batches = torch.tensor([len(loader), -len(loader)], device=device)
+        dist.all_reduce(num_batches, op=dist.ReduceOp.MAX)
+        if num_batches[0] != -num_batches[1]:
+            raise ValueError("every rank must draw the same number of batches (use a DistributedSampler)")
+
+    features = targets = seen = None
+    for images, batch_targets, indices in loader:
+        with torch.autocast(device.type, enabled=autocast):
+            batch_features = encoder(images.to(device, non_blocking=True))  # [B, F]
+        batch_features = batch_features.to(storage_dtype)
+        indices = torch.as_tensor(indices)
+        if len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples:
+            low, high = int(indices.min()), int(indices.max())
+            raise ValueError(f"dataset indices must lie in [0, {num_samples}), got {low}..{high}")
+        # Indices and targets travel together as [B, 2] int64, padded rows marked index -1.
+        meta = torch.stack([indices, torch.as_tensor(batch_targets)], dim=1).to(device, torch.int64)
+
+        if world_size > 1:
+            # The last batches may differ in size across ranks, and gather needs equal shapes.
+            size = torch.tensor([len(meta)], device=device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX)
+            pad = int(size) - len(meta)
+            batch_features = torch.nn.functional.pad(batch_features, (0, 0, 0, pad))
+            meta = torch.nn.functional.pad(meta, (0, 0, 0, pad), value=-1)
+            gathered_features = gathered_meta = None
+            if rank == 0:
+                gathered_features = [torch.empty_like(batch_features) for _ in range(world_size)]
+                gathered_meta = [torch.empty_like(meta) for _ in range(world_size)]
+            dist.gather(batch_features, gathered_features, dst=0)
+            dist.gather(meta, gathered_meta, dst=0)
+            if rank != 0:
+                continue
+            batch_features, meta = torch.cat(gathered_features), torch.cat(gathered_meta)
+
+        batch_features, meta = batch_features.cpu(), meta.cpu()
+        real = meta[:, 0] >= 0
+        batch_features, indices, batch_targets = batch_features[real], meta[real, 0], meta[real, 1]
+        if features is None:
+            features = torch.empty(num_samples, batch_features.shape[1], dtype=storage_dtype)
+            targets = torch.full((num_samples,), -1, dtype=torch.int64)
+            seen = torch.zeros(num_samples, dtype=torch.bool)
+        features[indices] = batch_features
+        targets[indices] = batch_targets
+        seen[indices] = True
+
+    missing = 0 if rank else num_samples if seen is None else int((~seen).sum())
+    missing = torch.tensor([missing], device=device)
+    if world_size > 1:
+        dist.broadcast(missing, src=0)  # every rank raises, rather than wait for rank 0 later
+    if missing:
+        raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out of the loader")
+    return (features, targets) if rank == 0 else (None, None)
+
+
+def _check_features(features, k):
+    """float32, C-contiguous numpy copy of features [N, D], after validating them and k."""
+    if torch.is_tensor(features):
+        features = features.detach().cpu().float().numpy()
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"features must be a non-empty [N, D] matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    if k < 2 or k > x.shape[0]:
+        raise ValueError(f"need 2 <= k <= N, got k={k} for N={x.shape[0]} features")
+    return x
+
+
+def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
+    """k-means prototypes of features [N, D] (tensor or array, any float dtype).
+
+    Pre-processing as DeepCluster: PCA-whitening to pca_dim dims (at most D and N - 1; 0 skips it),
+    then L2 normalisation. faiss k-means, `niter` Lloyd iterations, one GPU when gpu is True,
+    or None and faiss sees one. faiss would train on a random 256·k subsample unless told
+    otherwise, so max_points_per_centroid is raised until every one of the N points counts.
+    The centroids start at k random points, as in DeepCluster and the official code.
+
+    Returns:
+        assignments: int64 [N], the nearest final centroid of every point.
+        centroids: float32 [k, d], d = pca_dim or D, in the pre-processed space.
+        stats: dict of JSON-ready numbers: objective (sum of squared distances to the
+            assigned centroids), size_min, size_median, size_max, empty_clusters, seconds,
+            pca_dim (the dimension used; 0 when PCA is off).
+    """
+    start = time.perf_counter()
+    x = _check_features(features, k)
+    if gpu is None:
+        gpu = faiss.get_num_gpus() > 0
+    elif gpu and faiss.get_num_gpus() == 0:
+        raise ValueError("gpu=True but faiss sees no GPU (is faiss-gpu installed?)")
+
+    pca_dim = min(pca_dim, x.shape[1], x.shape[0] - 1)  # N centred points span N - 1 dims
+    if pca_dim > 0:
+        pca = faiss.PCAMatrix(x.shape[1], pca_dim, -0.5)  # eigen_power -0.5: whitening
+        pca.train(x)
+        top_variance = float(faiss.vector_to_array(pca.eigenvalues).max())
+        if top_variance <= 0:
+            raise ValueError("features are all identical: nothing to whiten or cluster")
+        # Whitening divides by sqrt(eigenvalue). Directions of (numerically) zero variance,
+        # e.g. when N < D or units are dead, would blow float32 round-off up to unit scale;
+        # a floor of 1e-4 of the top eigenvalue keeps them small (0.1 at most).
+        pca.epsilon = 1e-4 * top_variance
+        pca.prepare_Ab()
+        x = pca.apply(x)
+    faiss.normalize_L2(x)
+
+    kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
+        max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
+        min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
+    )
+    kmeans.train(x)
+    distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
+    assignments = assignments[:, 0].astype(np.int64)
+
+    sizes = np.bincount(assignments, minlength=k)
+    stats = {
+        "objective": float(distances.sum(dtype=np.float64)),
+        "size_min": int(sizes.min()),
+        "size_median": float(np.median(sizes)),
+        "size_max": int(sizes.max()),
+        "empty_clusters": int((sizes == 0).sum()),
+        "seconds": time.perf_counter() - start,
+        "pca_dim": int(pca_dim),
+    }
+    return assignments, kmeans.centroids, stats
+
+
+def distributed_kmeans(features, k, num_samples, seed=0, niter=20, pca_dim=256, device=None):
+    """run_kmeans on rank 0, then the same assignments on every rank.
+
+    Args:
+        features: [N, F] on rank 0 (as returned by `extract_features`), None on other ranks.
+        device: where the broadcast runs; default the current CUDA device for NCCL, else CPU.
+
+    Returns:
+        assignments: int64 [num_samples] CPU tensor, identical on every rank.
+        stats: run_kmeans's stats dict, on every rank.
+    If clustering fails on rank 0, every rank raises its error instead of waiting forever.
+    """
+    rank, world_size = _dist_info()
+    if world_size == 1:
+        assignments, _, stats = run_kmeans(features, k, seed=seed, niter=niter, pca_dim=pca_dim)
+        return torch.from_numpy(assignments), stats
+
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    assignments = torch.empty(num_samples, dtype=torch.int64, device=device)
+    outcome = [None]
+    if rank == 0:
+        try:
+            result, _, outcome[0] = run_kmeans(features, k, seed=seed, niter=niter, pca_dim=pca_dim)
+            if len(result) != num_samples:  # the broadcast buffer has num_samples rows
+                raise ValueError(f"got {len(result)} features for num_samples={num_samples}")
+            assignments.copy_(torch.from_numpy(result))
+        except Exception as error:
+            outcome[0] = error
+    dist.broadcast_object_list(outcome, src=0, device=device)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    dist.broadcast(assignments, src=0)
+    return assignments.cpu(), outcome[0]
+
+
+def nmi(a, b):
+    """Normalised mutual information of two labelings [N] (arithmetic mean, as scikit-learn).
+
+    I(a; b) / ((H(a) + H(b)) / 2), 1 for identical partitions up to renaming, 0 for
+    independent ones; 1 as well when neither labeling splits the data.
+    """
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two non-empty labelings of equal length, got {a.size} and {b.size}")
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    num_b = int(b.max()) + 1
+    # Joint counts from unique codes, never a dense [Ka, Kb] table (Ka = N for singletons).
+    codes, joint = np.unique(a.astype(np.int64) * num_b + b, return_counts=True)
+    p_ab = joint / a.size
+    p_a = np.bincount(a) / a.size
+    p_b = np.bincount(b) / a.size
+    h_a = -(p_a * np.log(p_a)).sum()
+    h_b = -(p_b * np.log(p_b)).sum()
+    if h_a == 0 and h_b == 0:
+        return 1.0
+    mutual = (p_ab * np.log(p_ab / (p_a[codes // num_b] * p_b[codes % num_b]))).sum()
+    return float(np.clip(mutual / ((h_a + h_b) / 2), 0.0, 1.0))
