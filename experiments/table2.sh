@@ -15,7 +15,7 @@ DATA=${DATA:-../shared/data/cifar10}
 EPOCHS=${EPOCHS:-3}
 OUT=${OUT:-results/cifar10_e${EPOCHS}}
 COMMON=(--dataset cifar10 --data "$DATA" --arch resnet18_narrow --epochs "$EPOCHS" --batch-size 512
-        --warmup-epochs 1 --knn-every "$EPOCHS" --workers 2)
+        --warmup-epochs 1 --knn-every 1 --workers 2)
 
 declare -A ROWS=(
   [simclr_s0]="--w-metric 0 --w-proto 0 --seed 0"
