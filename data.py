@@ -160,8 +160,8 @@ def eval_transform(size=224, mean_std=MEAN_STD["imagenet"]):
 
 
 def _gray(x):
-    """ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B, 3, H, W] -> [B, 1, H, W]."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """ITU-R 601 luma with torchvision's coefficients: [B, 3, H, W] -> [B, 1, H, W]."""
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
 def _shift_hue(x, shift):
@@ -179,6 +179,33 @@ def _shift_hue(x, shift):
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = (n + 6 * hue[:, None]) % 6
     return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def crop_resize(x, boxes, size):
+    """Crop box b of image b and resize it to size x size, for a whole batch in one call.
+
+    x [B, C, H, W] float; boxes [B, 4] (x1, y1, x2, y2) in pixels, x2 and y2 exclusive. roi_align
+    with aligned=True samples at the same points as torchvision's bilinear resize of the crop
+    (pixel centres, align_corners=False); sampling_ratio=0 averages ceil(crop/size) samples per
+    output pixel when shrinking, which stands in for the antialiasing of torchvision's resize.
+    """
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(x.device, x.dtype)
+    return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+
+def adjust(x, op, factor):
+    """One colour-jitter operation with a factor per image, as torchvision's adjust_* functions:
+    x [b, 3, H, W] in [0, 1], op 0 brightness, 1 contrast, 2 saturation, 3 hue; factor [b]."""
+    f = factor.view(-1, 1, 1, 1)
+    if op == 0:
+        x = x * f
+    elif op == 1:
+        x = f * x + (1 - f) * _gray(x).mean((2, 3), keepdim=True)
+    elif op == 2:
+        x = f * x + (1 - f) * _gray(x)
+    else:
+        x = _shift_hue(x, factor)
+    return x.clamp_(0, 1)
 
 
 class BatchAugment:
@@ -220,10 +247,8 @@ class BatchAugment:
     def __call__(self, images, generator):
         B, H, W, _ = images.shape
         device = images.device
-        x = images.permute(0, 3, 1, 2).float().div_(255)                       # B x 3 x H x W
-        boxes = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], self.crop_boxes(B, H, W, generator)], 1)
-        x = roi_align(x, boxes.to(device), output_size=self.size, spatial_scale=1.0,
-                      sampling_ratio=2, aligned=True)                          # B x 3 x S x S
+        x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),         # B x 3 x H x W
+                        self.crop_boxes(B, H, W, generator), self.size)        # B x 3 x S x S
         flip = torch.rand(B, generator=generator) < 0.5
         x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
         x = self._color_jitter(x, generator)
@@ -245,18 +270,9 @@ class BatchAugment:
                 idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
                 if len(idx) == 0:
                     continue
-                f = factors[idx, op].to(x.device).view(-1, 1, 1, 1)
+                f = factors[idx, op].to(x.device)
                 idx = idx.to(x.device)
-                part = x[idx]
-                if op == 0:
-                    part = part * f
-                elif op == 1:
-                    part = f * part + (1 - f) * _gray(part).mean((2, 3), keepdim=True)
-                elif op == 2:
-                    part = f * part + (1 - f) * _gray(part)
-                else:
-                    part = _shift_hue(part, f.view(-1))
-                x[idx] = part.clamp_(0, 1)
+                x[idx] = adjust(x[idx], op, f)
         return x
 
 

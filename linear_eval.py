@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -181,9 +180,8 @@ def crop_flip(images, mean_std, generator):
     normalised float [B, 3, H, W]. The random draws come from the CPU `generator`."""
     B, H, W, _ = images.shape
     augment = data.BatchAugment(H, mean_std)            # for torchvision's crop rule, crop_boxes
-    x = images.permute(0, 3, 1, 2).float().div_(255)                                  # B x 3 x H x W
-    boxes = torch.cat([torch.arange(B, dtype=torch.float32)[:, None], augment.crop_boxes(B, H, W, generator)], 1)
-    x = roi_align(x, boxes.to(x.device), output_size=(H, W), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    x = data.crop_resize(images.permute(0, 3, 1, 2).float().div_(255), augment.crop_boxes(B, H, W, generator),
+                         (H, W))                                                 # B x 3 x H x W
     flip = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
     return (x - augment.mean.to(x.device)) / augment.std.to(x.device)

@@ -1156,3 +1156,57 @@ def test_augmented_probe_under_torchrun_with_two_processes(small_cifar, encoders
         (result,) = [json.loads(line) for line in f]          # one line: rank 0 alone writes
     assert result["world_size"] == 2 and result["mode"] == "augmented" and result["encoder_unchanged"]
     assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py: the batched SimCLR augmentation against torchvision's per-image transforms
+# ---------------------------------------------------------------------------------------------
+
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+
+@pytest.mark.parametrize("op,name,low,high", [(0, "adjust_brightness", 0.6, 1.4), (1, "adjust_contrast", 0.6, 1.4),
+                                              (2, "adjust_saturation", 0.6, 1.4), (3, "adjust_hue", -0.1, 0.1)])
+def test_colour_jitter_operations_match_torchvision(op, name, low, high):
+    g = torch.Generator().manual_seed(op)
+    x = torch.rand(6, 3, 9, 7, generator=g)
+    factor = torch.empty(6).uniform_(low, high, generator=g)
+    expected = torch.stack([getattr(TF, name)(x[i], float(factor[i])) for i in range(6)])
+    assert torch.allclose(data.adjust(x.clone(), op, factor), expected, atol=1e-5)
+
+
+def test_crop_resize_matches_torchvision_resized_crop():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    same = data.crop_resize(x, torch.tensor([[0.0, 0, 32, 32], [0, 0, 32, 32]]), 32)
+    assert torch.allclose(same, x, atol=1e-6)                       # the whole image: untouched
+    box = (5, 3, 16, 12)                                            # x1, y1, w, h: enlarged to 32
+    got = data.crop_resize(x[:1], torch.tensor([[5.0, 3, 21, 15]]), 32)[0]
+    expected = TF.resized_crop(x[0], top=3, left=5, height=12, width=16, size=[32, 32], antialias=False)
+    # Inside the crop both sample the same points; at its border roi_align may read the pixel
+    # just outside the crop where torchvision clamps, so compare the interior.
+    assert torch.allclose(got[:, 2:-2, 2:-2], expected[:, 2:-2, 2:-2], atol=1e-5), box
+
+
+def test_crop_boxes_follow_torchvision_random_resized_crop():
+    n, H, W = 4000, 32, 32
+    boxes = data.BatchAugment(32, data.MEAN_STD["cifar10"]).crop_boxes(n, H, W, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all() and (w >= 1).all()
+    torch.manual_seed(0)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, H, W), [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)], dtype=torch.float32)          # (top, left, h, w)
+    for ours, theirs in [(w * h / (H * W), ref[:, 2] * ref[:, 3] / (H * W)), (torch.log(w / h), torch.log(ref[:, 3] / ref[:, 2])),
+                         (boxes[:, 0], ref[:, 1])]:
+        assert abs(ours.mean() - theirs.mean()) < 4 * theirs.std() / math.sqrt(n) + 0.01
+        assert abs(ours.std() - theirs.std()) < 0.1 * theirs.std()
+
+
+def test_batch_augment_output():
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = data.BatchAugment(24, data.MEAN_STD["cifar10"])
+    a = augment(images, torch.Generator().manual_seed(1))
+    b = augment(images, torch.Generator().manual_seed(1))
+    assert a.shape == (16, 3, 24, 24) and a.dtype == torch.float32 and torch.equal(a, b)    # reproducible
+    assert not torch.equal(a, augment(images, torch.Generator().manual_seed(2)))
