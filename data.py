@@ -302,4 +302,4 @@ def eval_batches(dataset, rank, world, image_size, mean_std, workers, batch_size
         return InMemoryLoader(dataset, list(sampler), batch_size)
     dataset.transform = eval_transform(image_size, mean_std)
     return torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers, pin_memory=True)
+                                       num_workers=workers, pin_memory=torch.cuda.is_available())

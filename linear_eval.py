@@ -205,7 +205,7 @@ def augmented_batches(train_set, batch_size, rank, world, image_size, mean_std, 
     train_set.transform = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(),
                                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         pin_memory=True, persistent_workers=workers > 0)
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
 
     def batches(epoch):
         sampler.set_epoch(epoch)

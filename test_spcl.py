@@ -868,6 +868,14 @@ def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_p
     assert "cluster_seconds" not in _metrics(tmp_path / "gt")[0]
 
 
+def test_on_disk_folder_pipeline_runs(small_cifar, tmp_path):
+    # --dataset folder: PIL transforms in DataLoader workers, pairs through PairDataset.
+    train.main(_train_args(small_cifar, tmp_path, "--dataset", "folder", "--image-size", "32", "--epochs", "1",
+                           "--knn-every", "1", "--num-prototypes", "4,8"))
+    row = _metrics(tmp_path)[0]
+    assert _all_finite(row) and "kmeans_k8" in row and 0 <= row["knn_top1"] <= 100
+
+
 def test_sce_and_several_k_run(small_cifar, tmp_path):
     train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--proto-loss", "sce", "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]

@@ -17,7 +17,6 @@ import sys
 import time
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -181,7 +180,7 @@ def augmented_features(args, encoder, train_set, augment, rank, world, epoch, de
     else:
         train_set.transform = data.simclr_transform(args.image_size)
         batches = torch.utils.data.DataLoader(data.WithIndex(train_set), batch_size=512, sampler=sampler,
-                                              num_workers=args.workers, pin_memory=True)
+                                              num_workers=args.workers, pin_memory=torch.cuda.is_available())
     return cluster.extract_features(encoder, batches, len(train_set), device, autocast=device.type == "cuda")[0]
 
 
@@ -197,7 +196,7 @@ def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch
             yield v1, v2, t[:, 2].to(device), train_set.targets[idx].to(device), prototypes[idx].to(device)
         return
     pair_set.set_assignments(prototypes)
-    loader = torch.utils.data.DataLoader(pair_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=True)
+    loader = torch.utils.data.DataLoader(pair_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available())
     for a1, a2, b1, b2, same, ta, tb, pa, pb in loader:
         to = lambda *xs: torch.cat(xs).to(device, non_blocking=True)
         yield to(a1, b1), to(a2, b2), same.to(device), to(ta, tb), to(pa, pb).view(2 * len(same), -1)
