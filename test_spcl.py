@@ -813,11 +813,16 @@ def _torchrun(args, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra, "train.py", *args]
 
 
-def test_torchrun_two_processes_one_epoch(small_cifar, tmp_path):
-    result = _run(_torchrun(_train_args(small_cifar, tmp_path, "--epochs", "1")))
+@pytest.mark.parametrize("extra,key", [
+    (["--epochs", "1"], "kmeans_k8"),
+    (["--epochs", "2", "--proto-start-epoch", "1"], "kmeans_k8"),     # heads idle in epoch 0
+    (["--epochs", "1", "--prototypes", "gt", "--w-con", "0", "--w-metric", "0"], "loss_proto"),  # supervised
+])
+def test_torchrun_two_processes(small_cifar, tmp_path, extra, key):
+    result = _run(_torchrun(_train_args(small_cifar, tmp_path, *extra)))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _metrics(tmp_path)
-    assert len(rows) == 1 and _all_finite(rows[0]) and "kmeans_k8" in rows[0]
+    assert len(rows) == int(extra[1]) and all(_all_finite(r) for r in rows) and key in rows[-1]
     assert "world size 2" in result.stdout
 
 

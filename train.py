@@ -268,10 +268,11 @@ def main(argv=None):
     model = model.to(device, memory_format=torch.channels_last)
     step_module = TrainStep(model, args)
     if world > 1:
-        # Heads idle during the SimCLR warm-up get no gradient; only then must DDP look for them.
+        # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
+        # only then must DDP search the graph for unused parameters.
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if cuda else None,
-            find_unused_parameters=uses_prototypes and args.proto_start_epoch > 0)
+            find_unused_parameters=(uses_prototypes and args.proto_start_epoch > 0) or not args.w_con)
     base_lr = args.lr * args.batch_size / 256
     optimizer = LARS(model.parameters(), lr=base_lr, weight_decay=args.weight_decay)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
