@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -125,8 +126,10 @@ def _ddp_nt_xent_worker(rank, world_size, x1, x2, state, out_dir):
     ddp = nn.parallel.DistributedDataParallel(model)
     B = x1.shape[0] // world_size
     mine = slice(rank * B, (rank + 1) * B)
-    loss = nt_xent(ddp(x1[mine]), ddp(x2[mine]), temperature=0.3)
-    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # no deprecated collectives, no other warning
+        loss = nt_xent(ddp(x1[mine]), ddp(x2[mine]), temperature=0.3)
+        loss.backward()
     torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
