@@ -905,6 +905,28 @@ def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, messag
         train.main(_train_args(small_cifar, tmp_path) + extra)
 
 
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path, monkeypatch):
+    train.main(_train_args(small_cifar, tmp_path, "--stop-after", "1"))
+    before = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    calls = []
+
+    def diverging(*args, **kwargs):
+        total, terms = spcl_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["metric"] = torch.tensor(float("nan"))
+            total = total * float("nan")
+        return total, terms
+
+    monkeypatch.setattr(train, "spcl_loss", diverging)
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 1 step 2 .*metric=nan"):
+        train.main(_train_args(small_cifar, tmp_path))
+    after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert after["epoch"] == 1
+    for key, value in before["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+
+
 def test_checkpoint_of_another_configuration_is_refused(small_cifar, tmp_path):
     train.main(_train_args(small_cifar, tmp_path, "--epochs", "1"))
     with pytest.raises(SystemExit, match="num_prototypes: checkpoint \\[8\\], now \\[4\\]"):
