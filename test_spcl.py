@@ -740,8 +740,14 @@ def _all_finite(value):
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path):
+def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, monkeypatch):
+    passes = []
+    real_eval_features = train.eval_features
+    monkeypatch.setattr(train, "eval_features", lambda *a: passes.append(len(a[2])) or real_eval_features(*a))
     train.main(_train_args(small_cifar, tmp_path, "--knn-every", "1"))
+    # Feature passes (train 320, test 80): clustering, kNN; then kNN only, as epoch 1's clustering
+    # reuses the train features of epoch 0's kNN pass (same weights).
+    assert passes == [320, 320, 80, 320, 80]
     rows = _metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
     for r in rows:
