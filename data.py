@@ -71,18 +71,22 @@ class InMemoryLoader:
             yield x, self.dataset.targets[idx], idx
 
 
-class WithIndex(torch.utils.data.Dataset):
-    """Items of a (image, target) dataset as (image, target, index), for the feature pass."""
+class Transformed(torch.utils.data.Dataset):
+    """Items (transform(image), target, index) of an on-disk dataset of (PIL image, target) pairs.
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    The dataset itself is never modified (its own transform stays None), so one ImageFolder can
+    serve the training pairs, the feature pass and the linear probe, each with its own view.
+    """
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         image, target = self.dataset[i]
-        return image, target, i
+        return self.transform(image), target, i
 
 
 def _decode(path):
@@ -114,7 +118,7 @@ def load_dataset(name, root, train, download=False, workers=4):
     cifar10/cifar100: torchvision's pickled format in root (fetched with download=True) or an
     ImageFolder tree root/train and root/test, detected; decoded into an InMemoryImages.
     imagenet: root/train and root/val. folder: root/train and root/val or root/test.
-    The two last return a torchvision ImageFolder of PIL images (set .transform before use).
+    The two last return a torchvision ImageFolder of PIL images: wrap it in Transformed for a view.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -300,6 +304,6 @@ def eval_batches(dataset, rank, world, image_size, mean_std, workers, batch_size
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=False)
     if isinstance(dataset, InMemoryImages):
         return InMemoryLoader(dataset, list(sampler), batch_size)
-    dataset.transform = eval_transform(image_size, mean_std)
-    return torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(Transformed(dataset, eval_transform(image_size, mean_std)),
+                                       batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())

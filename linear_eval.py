@@ -202,14 +202,15 @@ def augmented_batches(train_set, batch_size, rank, world, image_size, mean_std, 
                 yield crop_flip(images, mean_std, g), train_set.targets[idx]
         return batches, steps_per_epoch
 
-    train_set.transform = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(),
-                                     T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    crop_flip_view = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(), T.ToImage(),
+                                T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+    loader = torch.utils.data.DataLoader(data.Transformed(train_set, crop_flip_view), batch_size=batch_size,
+                                         sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=workers > 0)
 
     def batches(epoch):
         sampler.set_epoch(epoch)
-        return loader
+        return ((x, y) for x, y, _ in loader)
     return batches, steps_per_epoch
 
 
@@ -347,7 +348,7 @@ def main(argv=None):
     num_classes = len(train_set.classes)
 
     cuda = device.type == "cuda"
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16) if cuda else None
     reference = {key: value.clone() for key, value in encoder.state_dict().items()}
     encoder = encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 

@@ -8,8 +8,10 @@ BMVC 2021 (https://arxiv.org/abs/2208.08819). Imports only torch; copy this file
     symmetric_ce          Eq. 4    its symmetric variant (Wang et al. 2019, "SCE")
     spcl_loss             Eq. 5    the weighted sum, skipping every term whose weight is 0
 
-Every function checks its input and raises ValueError with a message that says what is wrong;
-the checks cost one host-device synchronisation per call.
+Every function checks its input and raises ValueError with a message that says what is wrong.
+The checks of values (NaN, label ranges) cost one host-device synchronisation per call and, under
+DDP, would stop only the rank that sees the bad value while the others wait for it: a training
+loop passes validate=False and checks the all-reduced loss instead (as train.py does).
 """
 import math
 
@@ -64,7 +66,7 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-def nt_xent(z1, z2, temperature=0.5):
+def nt_xent(z1, z2, temperature=0.5, validate=True):
     """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR): the mean over all 2M views of the global batch of
 
         l_i = -log( exp(sim(z_i, z_i') / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
@@ -74,6 +76,7 @@ def nt_xent(z1, z2, temperature=0.5):
     Args:
         z1, z2: [B, D], the two views of this rank's B images (row j of z1 and z2: image j).
         temperature: t > 0.
+        validate: also check the values (NaN / Inf), see the module docstring.
 
     Returns:
         scalar, the loss of the GLOBAL batch (identical on every rank).
@@ -89,7 +92,8 @@ def nt_xent(z1, z2, temperature=0.5):
     _check(z1.shape[0] >= 2, f"nt_xent: needs at least 2 images per rank (got B={z1.shape[0]}): "
                              "with one image the only candidate is the positive")
     _check(temperature > 0, f"nt_xent: temperature must be > 0, got {temperature}")
-    _check_finite("nt_xent", z1, z2)
+    if validate:
+        _check_finite("nt_xent", z1, z2)
 
     B = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)              # 2B x D, unit rows
@@ -111,13 +115,14 @@ def nt_xent(z1, z2, temperature=0.5):
     return loss
 
 
-def siamese_metric_loss(head, h_a, h_b, same):
+def siamese_metric_loss(head, h_a, h_b, same, validate=True):
     """Eq. 3, the Siamese metric loss (Koch et al. 2015): BCEWithLogits(head(|h_a - h_b|), same).
 
     Args:
         head: module mapping [P, F] -> [P, 1] or [P] (SPCL: one Linear(F, 1)).
         h_a, h_b: [P, F], encoder features of the two sides of P pairs.
         same: [P] of 0/1 (bool, int or float), 1 when the pair shares a prototype.
+        validate: also check the values (NaN / Inf, same in {0, 1}).
 
     Returns:
         scalar, the mean over the P pairs.
@@ -127,9 +132,9 @@ def siamese_metric_loss(head, h_a, h_b, same):
     _check(h_a.shape[0] >= 1, "siamese_metric_loss: needs at least 1 pair, got 0")
     _check(same.shape == (h_a.shape[0],),
            f"siamese_metric_loss: same must be [P]={h_a.shape[0]}, got {tuple(same.shape)}")
-    same = same.to(h_a.dtype if h_a.is_floating_point() else torch.float32)
-    _check_finite("siamese_metric_loss", h_a, h_b)
-    _check(bool(((same == 0) | (same == 1)).all()), "siamese_metric_loss: same must hold only 0 and 1")
+    if validate:
+        _check_finite("siamese_metric_loss", h_a, h_b)
+        _check(bool(((same == 0) | (same == 1)).all()), "siamese_metric_loss: same must hold only 0 and 1")
     score = head((h_a - h_b).abs())                          # P x 1
     score = score.reshape(h_a.shape[0])                      # P
     dtype = torch.promote_types(score.dtype, torch.float32)
@@ -163,13 +168,15 @@ def siamese_pairs(h1, h2, same, same_image_pairs=True):
     return torch.cat(left), torch.cat(right), torch.cat(label)
 
 
-def _check_logits_targets(name, logits, targets):
+def _check_logits_targets(name, logits, targets, validate):
     _check(logits.dim() == 2, f"{name}: logits must be [N, K], got {tuple(logits.shape)}")
     _check(targets.shape == (logits.shape[0],),
            f"{name}: targets must be [N]={logits.shape[0]}, got {tuple(targets.shape)}")
     _check(logits.shape[0] >= 1, f"{name}: needs at least 1 sample, got 0")
     _check(not targets.is_floating_point(), f"{name}: targets must be integer class indices, got {targets.dtype}")
     K = logits.shape[1]
+    if not validate:
+        return
     ok = torch.stack([torch.isfinite(logits).all(), (targets >= 0).all(), (targets < K).all()])
     if not bool(ok.all()):
         _check_finite(name, logits)
@@ -177,21 +184,22 @@ def _check_logits_targets(name, logits, targets):
                          f"max {int(targets.max())}: is the head's K the number of prototypes?")
 
 
-def prototype_ce(logits, targets):
+def prototype_ce(logits, targets, validate=True):
     """Eq. 4, prototypical cross-entropy: CE(W h, y) with y the prototype of each view's image.
 
     Args:
         logits: [N, K], the prototype head's output for N views.
         targets: [N] int64 in [0, K), the prototypes (k-means pseudo labels).
+        validate: also check the values (NaN / Inf, targets in range).
 
     Returns:
         scalar, the mean over the N views.
     """
-    _check_logits_targets("prototype_ce", logits, targets)
+    _check_logits_targets("prototype_ce", logits, targets, validate)
     return F.cross_entropy(logits, targets)
 
 
-def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4)):
+def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), validate=True):
     """Eq. 4, symmetric variant (Wang et al. 2019, "Symmetric Cross Entropy"): alpha*CE + beta*RCE,
 
         RCE = -sum_k p_k log q_k,  p = softmax(logits), q = one-hot(target), log 0 := log_zero,
@@ -203,11 +211,12 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4)):
         logits: [N, K]; targets: [N] int64 in [0, K).
         alpha, beta: weights of CE and RCE (official code: 0.1 and 1.0).
         log_zero: the value standing in for log 0 (official code: log(1e-4), the clamp of q).
+        validate: also check the values (NaN / Inf, targets in range).
 
     Returns:
         scalar, the mean over the N samples.
     """
-    _check_logits_targets("symmetric_ce", logits, targets)
+    _check_logits_targets("symmetric_ce", logits, targets, validate)
     ce = F.cross_entropy(logits, targets)
     # At least float32: fp16 logits under AMP would round p close to 1.
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -218,7 +227,7 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4)):
 
 def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
               w_con=1.0, w_metric=1.0, w_proto=1.0, temperature=0.5, proto_loss="ce",
-              same_image_pairs=True):
+              same_image_pairs=True, validate=True):
     """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch.
 
     The batch holds 2P images laid out as P anchors followed by their P partners.
@@ -232,7 +241,7 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
         proto_heads: H modules, head j: [N, F] -> [N, K_j] (Eq. 4); L_proto averages over them.
         w_con, w_metric, w_proto: the weights; a term whose weight is 0 is not computed.
         temperature: NT-Xent's t.  proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
-        same_image_pairs: see siamese_pairs.
+        same_image_pairs: see siamese_pairs.  validate: passed to every term (see above).
 
     Returns:
         (total scalar with gradient, {term name: detached scalar} for each computed term).
@@ -241,10 +250,10 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
     _check(w_con or w_metric or w_proto, "spcl_loss: all three weights are 0, nothing to train")
     terms = {}
     if w_con:
-        terms["con"] = (w_con, nt_xent(z1, z2, temperature))
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature, validate))
     if w_metric:
         left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)
-        terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label))
+        terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label, validate))
     if w_proto:
         if prototypes.dim() == 1:
             prototypes = prototypes[:, None]                 # 2P x H
@@ -253,7 +262,7 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
                f"(one column per prototype head), got {tuple(prototypes.shape)}")
         ce = prototype_ce if proto_loss == "ce" else symmetric_ce
         h = torch.cat([h1, h2])                              # 4P x F, every view
-        per_head = [ce(head(h), prototypes[:, j].repeat(2)) for j, head in enumerate(proto_heads)]
+        per_head = [ce(head(h), prototypes[:, j].repeat(2), validate=validate) for j, head in enumerate(proto_heads)]
         terms["proto"] = (w_proto, torch.stack(per_head).mean())
     total = sum(w * value for w, value in terms.values())
     return total, {name: value.detach() for name, (_, value) in terms.items()}

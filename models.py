@@ -79,11 +79,12 @@ class SPCLModel(nn.Module):
         self.reset_proto_heads()
 
     @torch.no_grad()
-    def reset_proto_heads(self):
-        """New clusters have arbitrary ids, so the heads start over: N(0, 0.01) weights, zero bias."""
+    def reset_proto_heads(self, generator=None):
+        """New clusters have arbitrary ids, so the heads start over: N(0, 0.01) weights, zero bias.
+        Drawn on the CPU from `generator`, so that every rank (and a resumed run) draws the same."""
         for head in self.proto_heads:
-            nn.init.normal_(head.weight, std=0.01)
-            nn.init.zeros_(head.bias)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+            head.bias.zero_()
 
     def forward(self, x):
         h = self.encoder(x)                     # B x F

@@ -207,6 +207,9 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, base, transform):
+        if getattr(base, "transform", None) is not None:
+            raise ValueError("PairDataset applies `transform` itself: give it a base dataset without one "
+                             "(base.transform is set, so every view would be transformed twice)")
         self.base = base
         self.transform = transform
         self.assignments = None

@@ -801,6 +801,11 @@ def test_resume_is_exact(small_cifar, tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["assignments"], b["assignments"])
+    rows_a, rows_b = _metrics(straight), _metrics(split)
+    assert [r["epoch"] for r in rows_b] == [0, 1]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "nmi_gt"):
+            assert ra[key] == rb[key], key
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -867,7 +872,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar,
     assert "resumed from" in output
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 4
-    assert sorted({r["epoch"] for r in _metrics(tmp_path)}) == [0, 1, 2, 3]
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [0, 1, 2, 3]     # the killed epoch logged once
 
 
 def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_path):
@@ -888,6 +893,30 @@ def test_on_disk_folder_pipeline_runs(small_cifar, tmp_path):
                            "--knn-every", "1", "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]
     assert _all_finite(row) and "kmeans_k8" in row and 0 <= row["knn_top1"] <= 100
+
+
+def test_on_disk_datasets_are_never_modified_by_a_view(small_cifar):
+    folder = torchvision.datasets.ImageFolder(os.path.join(small_cifar, "train"))
+    batches = data.eval_batches(folder, 0, 1, 32, data.MEAN_STD["imagenet"], workers=0)
+    assert folder.transform is None
+    x, y, idx = next(iter(batches))
+    assert x.shape == (len(idx), 3, 32, 32) and torch.equal(y, torch.as_tensor(folder.targets)[idx])
+    with pytest.raises(ValueError, match="transformed twice"):
+        PairDataset(torchvision.datasets.ImageFolder(os.path.join(small_cifar, "train"), transform=lambda im: im),
+                    lambda im: im)
+
+
+def test_prototype_heads_restart_identically_whatever_the_global_rng():
+    heads = []
+    for global_seed in (0, 1):               # two ranks: seed + rank
+        torch.manual_seed(global_seed)
+        model = SPCLModel("resnet18_narrow", True, [5, 7])
+        model.reset_proto_heads(torch.Generator().manual_seed(3))
+        heads.append([p.clone() for p in model.proto_heads.parameters()])
+    for a, b in zip(*heads):
+        assert torch.equal(a, b)
+    w = heads[0][0]
+    assert w.std().item() == pytest.approx(0.01, rel=0.3) and not heads[0][1].any()    # N(0, 0.01), zero bias
 
 
 def test_sce_and_several_k_run(small_cifar, tmp_path):

@@ -126,7 +126,8 @@ def lr_at(step, total_steps, warmup_steps, base_lr):
 class TrainStep(nn.Module):
     """Everything with parameters runs inside forward(), so DDP sees and syncs every gradient.
 
-    forward(v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H]) -> (loss, terms, z1, z2)
+    forward(v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H], use_prototypes) -> (loss, terms)
+    use_prototypes False drops Eq. 3 and 4 (the SimCLR warm-up of --proto-start-epoch).
     """
 
     def __init__(self, model, args):
@@ -138,30 +139,49 @@ class TrainStep(nn.Module):
         h, z = self.model(torch.cat([v1, v2]))             # 4P x F, 4P x 128: one pass, both views
         h1, h2 = h.float().chunk(2)
         z1, z2 = z.float().chunk(2)
-        loss, terms = spcl_loss(
-            z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
-            w_con=a.w_con, w_metric=a.w_metric if use_prototypes else 0, w_proto=a.w_proto if use_prototypes else 0,
-            temperature=a.temperature, proto_loss=a.proto_loss, same_image_pairs=not a.no_same_image_pairs)
-        return loss, terms, z1.detach(), z2.detach()
+        # The losses in float32: bf16 logits would cost NT-Xent's gradient ~1% at t = 0.1. Values
+        # are not validated here (a NaN on one rank would stop it alone); main() checks the
+        # all-reduced loss instead.
+        with torch.autocast(v1.device.type, enabled=False):
+            return spcl_loss(
+                z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
+                w_con=a.w_con, w_metric=a.w_metric if use_prototypes else 0, w_proto=a.w_proto if use_prototypes else 0,
+                temperature=a.temperature, proto_loss=a.proto_loss, same_image_pairs=not a.no_same_image_pairs,
+                validate=False)
 
 
 @torch.no_grad()
-def similarity_stats(z1, z2, targets):
-    """SPEC.md's TP / FN / TN similarities in projection space for one batch: the two views of an
-    image; two images of the same class (false negatives); two images of different classes.
-    Returns sums and counts [3], [3]; means are sums / counts over the epoch."""
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
-    n = z1.shape[0]
-    tp = (z1 * z2).sum(1)
-    sim = torch.cat([z1, z2]) @ torch.cat([z1, z2]).T              # 2n x 2n
-    y = targets.repeat(2)
-    image = torch.arange(n, device=z1.device).repeat(2)
-    other_image = image[:, None] != image[None, :]
-    same_class = (y[:, None] == y[None, :]) & other_image
-    diff_class = y[:, None] != y[None, :]
-    sums = torch.stack([tp.sum(), sim[same_class].sum(), sim[diff_class].sum()])
-    counts = torch.stack([torch.tensor(n), same_class.sum(), diff_class.sum()]).to(sums)
-    return sums, counts
+def similarity_probe(args, model, train_set, augment, device, size=2048):
+    """SPEC.md's TP / FN / TN similarities, measured the same way for every method: the mean
+    cosine similarity in projection space between the two views of an image (true positives),
+    of two images of one class (false negatives) and of two classes (true negatives), over a
+    fixed set of training images with fixed views (the same every epoch), in eval mode."""
+    g = torch.Generator().manual_seed(4321)
+    idx = torch.randperm(len(train_set), generator=g)[:size].sort().values
+    targets = torch.as_tensor(train_set.targets)[idx]
+    model.eval()
+    z = []
+    if isinstance(train_set, data.InMemoryImages):
+        images = train_set.images[idx].to(device)
+        for _ in range(2):
+            z.append(torch.cat([model(v.to(memory_format=torch.channels_last))[1].float()
+                                for v in augment(images, g).split(512)]))
+    else:
+        with torch.random.fork_rng():         # the PIL transforms draw from torch's global RNG
+            torch.manual_seed(4321)
+            views = data.Transformed(train_set, data.simclr_transform(args.image_size))
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(views, idx.tolist()), batch_size=256,
+                                                 num_workers=args.workers)
+            pairs = [(model(x.to(device))[1].float(), model(x2.to(device))[1].float())
+                     for (x, _, _), (x2, _, _) in zip(loader, loader)]
+        z = [torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])]
+    model.train()
+    z1, z2 = F.normalize(z[0], dim=1), F.normalize(z[1], dim=1)      # M x 128 each
+    sim = z1 @ z2.T                                                   # M x M: view 1 of i, view 2 of j
+    same_class = (targets[:, None] == targets[None, :]).to(device)
+    other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
+    return {"sim_tp": sim.diagonal().mean().item(), "sim_fn": sim[same_class & other].mean().item(),
+            "sim_tn": sim[~same_class].mean().item()}
 
 
 def eval_features(args, encoder, dataset, rank, world, device):
@@ -178,14 +198,14 @@ def augmented_features(args, encoder, train_set, augment, rank, world, epoch, de
         g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank + 7)
         batches = data.InMemoryLoader(train_set, list(sampler), 512, augment, g)
     else:
-        train_set.transform = data.simclr_transform(args.image_size)
-        batches = torch.utils.data.DataLoader(data.WithIndex(train_set), batch_size=512, sampler=sampler,
+        batches = torch.utils.data.DataLoader(data.Transformed(train_set, data.simclr_transform(args.image_size)),
+                                              batch_size=512, sampler=sampler,
                                               num_workers=args.workers, pin_memory=torch.cuda.is_available())
     return cluster.extract_features(encoder, batches, len(train_set), device, autocast=device.type == "cuda")[0]
 
 
 def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
-    """Yields (v1, v2 [2P, 3, S, S], same [P], targets [2P], prototypes [2P, H]) on device."""
+    """Yields (v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H]) on device."""
     if isinstance(train_set, data.InMemoryImages):
         g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank)
         for triples in sampler:
@@ -193,13 +213,13 @@ def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch
             idx = torch.cat([t[:, 0], t[:, 1]])                    # 2P: anchors, then partners
             images = train_set.images[idx].to(device, non_blocking=True)
             v1, v2 = augment(images, g), augment(images, g)
-            yield v1, v2, t[:, 2].to(device), train_set.targets[idx].to(device), prototypes[idx].to(device)
+            yield v1, v2, t[:, 2].to(device), prototypes[idx].to(device)
         return
     pair_set.set_assignments(prototypes)
     loader = torch.utils.data.DataLoader(pair_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    for a1, a2, b1, b2, same, ta, tb, pa, pb in loader:
+    for a1, a2, b1, b2, same, _, _, pa, pb in loader:
         to = lambda *xs: torch.cat(xs).to(device, non_blocking=True)
-        yield to(a1, b1), to(a2, b2), same.to(device), to(ta, tb), to(pa, pb).view(2 * len(same), -1)
+        yield to(a1, b1), to(a2, b2), same.to(device), to(pa, pb).view(2 * len(same), -1)
 
 
 def save_checkpoint(state, out):
@@ -237,12 +257,16 @@ def main(argv=None):
              "(it counts images, made of pairs, split evenly over the ranks)", master)
     if args.epochs < 1:
         fail(f"--epochs must be >= 1, got {args.epochs}", master)
+    if args.download and world > 1 and not master:
+        dist.barrier()                        # rank 0 downloads first
     try:
         train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
                                       workers=args.workers)
         test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
     except (ValueError, RuntimeError, OSError) as e:
         fail(str(e), master)
+    if args.download and world > 1 and master:
+        dist.barrier()
     try:
         train_set = data.subset(train_set, args.train_subset, seed=1234)
     except ValueError as e:
@@ -275,7 +299,8 @@ def main(argv=None):
             find_unused_parameters=(uses_prototypes and args.proto_start_epoch > 0) or not args.w_con)
     base_lr = args.lr * args.batch_size / 256
     optimizer = LARS(model.parameters(), lr=base_lr, weight_decay=args.weight_decay)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    # bf16 where the GPU has it natively (Ampere and later), else fp16 with loss scaling.
+    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if master:
         n_params = sum(p.numel() for p in model.parameters())
@@ -288,15 +313,34 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pth")
     start_epoch, previous = 0, None
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, config, master)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
         if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+            # Training draws its randomness from generators seeded by (seed, epoch, step, rank);
+            # the global state is restored for code that adds draws of its own.
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
+                       if k not in STRUCTURAL and k not in ("out", "workers", "stop_after") and ckpt["config"].get(k) != v]
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}"
+                  + (f"; changed since: {', '.join(changed)}" if changed else ""))
+            # Lines of epochs after the checkpoint (a crash between log and save) are redone.
+            if os.path.exists(metrics_path):
+                with open(metrics_path) as f:
+                    kept = [line for line in f if json.loads(line)["epoch"] < start_epoch]
+                with open(metrics_path, "w") as f:
+                    f.writelines(kept)
+    if world > 1:
+        # Every rank must have read the same checkpoint: --out on a filesystem all nodes share.
+        epochs = torch.tensor([start_epoch, -start_epoch], device=device)
+        dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+        if epochs[0] != -epochs[1]:
+            fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
+                 f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
 
     augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset]) if in_memory else None
     pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size))
@@ -304,7 +348,6 @@ def main(argv=None):
     steps_per_epoch = len(sampler)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
 
     # Train features [N, F] on rank 0 (None elsewhere); `reuse` (the same on every rank) says that
     # the previous epoch's kNN pass made them from the current weights, so clustering can use them.
@@ -340,7 +383,7 @@ def main(argv=None):
             assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
         if use_prototypes:
             # New cluster ids mean nothing to the old heads: start them and their momentum over.
-            model.reset_proto_heads()
+            model.reset_proto_heads(torch.Generator().manual_seed(args.seed * 1000003 + epoch))
             for p in model.proto_heads.parameters():
                 optimizer.state.pop(p, None)
         sampler.set_assignments(assignments[:, 0])
@@ -349,12 +392,11 @@ def main(argv=None):
         # ---- 2. one epoch of Eq. 5 ------------------------------------------------------------
         model.train()
         sums = torch.zeros(4, device=device)
-        sim_sums, sim_counts = torch.zeros(3, device=device), torch.zeros(3, device=device)
         term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
             + (["proto"] if use_prototypes and args.w_proto else [])
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True, leave=False)
         train_start = time.time()
-        for i, (v1, v2, same, y, protos) in enumerate(train_batches(
+        for i, (v1, v2, same, protos) in enumerate(train_batches(
                 args, train_set, sampler, assignments, augment, pair_set, epoch, rank, device)):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
@@ -363,7 +405,7 @@ def main(argv=None):
             v1 = v1.contiguous(memory_format=torch.channels_last)
             v2 = v2.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms, z1, z2 = step_module(v1, v2, same, protos, use_prototypes)
+                loss, terms = step_module(v1, v2, same, protos, use_prototypes)
             # One small collective for all ranks to agree on the logged values and on a NaN stop.
             values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
             if world > 1:
@@ -379,21 +421,14 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             sums[:len(values)] += torch.tensor(values, device=device)
-            s, c = similarity_stats(z1, z2, y)
-            sim_sums += s
-            sim_counts += c
             bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
                                 + f" lr={lr:.3g} img/s={(i + 1) * v1.shape[0] * world / (time.time() - train_start):.0f}")
             bar.update()
         bar.close()
         train_seconds = time.time() - train_start
-        if world > 1:
-            dist.all_reduce(sim_sums)
-            dist.all_reduce(sim_counts)
         means = (sums / steps_per_epoch).tolist()[:1 + len(term_names)]
         stats.update({f"loss_{n}": v for n, v in zip(["total"] + term_names, means)})
-        sims = (sim_sums / sim_counts.clamp(min=1)).tolist()
-        stats.update(sim_tp=sims[0], sim_fn=sims[1], sim_tn=sims[2], lr=lr,
+        stats.update(lr=lr,
                      images_per_second=steps_per_epoch * args.batch_size / train_seconds,
                      train_seconds=train_seconds, images_seen=(epoch + 1) * steps_per_epoch * args.batch_size)
 
@@ -408,6 +443,8 @@ def main(argv=None):
                 stats["knn_top1"] = knn_top1(features, targets, test_features, test_set.targets,
                                              num_classes=num_classes)
             reuse = not args.cluster_aug
+        if master:
+            stats.update(similarity_probe(args, model, train_set, augment, device))
         stats["epoch_seconds"] = time.time() - epoch_start
         if master:
             with open(metrics_path, "a") as f:
