@@ -35,6 +35,11 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# torch >= 2.14 names the single-tensor collectives *_single and deprecates the older names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather that is differentiable: [n, ...] on each of W ranks -> [W*n, ...] on every rank.
 
@@ -48,14 +53,14 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, x):
         world = dist.get_world_size()
         out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
     def backward(ctx, grad):
         world = dist.get_world_size()
         local = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM)
+        _reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM)
         return local
 
 
