@@ -811,9 +811,8 @@ def test_resume_is_exact(small_cifar, tmp_path):
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path))
 
-    def dying_save(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"half a checkpoint")
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", dying_save)

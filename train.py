@@ -223,10 +223,14 @@ def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch
 
 
 def save_checkpoint(state, out):
-    """Atomic: a crash while writing leaves the previous checkpoint.pth whole."""
+    """Atomic: a crash (or a power cut, thanks to fsync) while writing leaves the previous
+    checkpoint.pth whole."""
     path = os.path.join(out, "checkpoint.pth")
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
