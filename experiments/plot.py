@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")                       # files only, no display needed
 import matplotlib.pyplot as plt             # noqa: E402
+from matplotlib.ticker import MaxNLocator   # noqa: E402
 
 
 def main():
@@ -33,6 +34,7 @@ def main():
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN monitor (CIFAR-10 test)")
     ax_sim.set(xlabel="epoch", ylabel="mean cosine similarity", title="true positives vs false negatives")
     for ax in (ax_knn, ax_sim):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
