@@ -1,7 +1,7 @@
 """Prototypes: k-means on encoder features at the start of every epoch (SPEC.md, "Per epoch", 1).
 
     features, targets = extract_features(encoder, loader, N, device)  # rank 0; None elsewhere
-    assignments, stats = distributed_kmeans(features, K, N, seed=seed + epoch, device=device)
+    assignments, stats = distributed_kmeans(features, [K], N, seed=seed + epoch, device=device)  # [N, 1]
 
 The features are gathered onto rank 0 only, batch by batch, into one [N, F] buffer (fp16 by
 default: 5.2 GB for ImageNet with a ResNet-50), which is the only full copy on any process.
@@ -101,8 +101,8 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
     return (features, targets) if rank == 0 else (None, None)
 
 
-def _check_features(features, k):
-    """float32, C-contiguous numpy copy of features [N, D], after validating them and k."""
+def _check_features(features, ks):
+    """float32, C-contiguous numpy copy of features [N, D], after validating them and every k."""
     if torch.is_tensor(features):
         features = features.detach().cpu().float().numpy()
     x = np.ascontiguousarray(features, dtype=np.float32)
@@ -110,8 +110,9 @@ def _check_features(features, k):
         raise ValueError(f"features must be a non-empty [N, D] matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("features contain NaN or infinite values")
-    if k < 2 or k > x.shape[0]:
-        raise ValueError(f"need 2 <= k <= N, got k={k} for N={x.shape[0]} features")
+    for k in ks:
+        if k < 2 or k > x.shape[0]:
+            raise ValueError(f"need 2 <= k <= N, got k={k} for N={x.shape[0]} features")
     return x
 
 
@@ -128,11 +129,25 @@ def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
         assignments: int64 [N], the nearest final centroid of every point.
         centroids: float32 [k, d], d = pca_dim or D, in the pre-processed space.
         stats: dict of JSON-ready numbers: objective (sum of squared distances to the
-            assigned centroids), size_min, size_median, size_max, empty_clusters, seconds,
-            pca_dim (the dimension used; 0 when PCA is off).
+            assigned centroids), size_min, size_median, size_max, empty_clusters, seconds
+            (the k-means), preprocess_seconds (checks, PCA, normalisation), pca_dim (the
+            dimension used; 0 when PCA is off).
+    """
+    return run_kmeans_multi(features, [k], seed=seed, niter=niter, pca_dim=pca_dim, gpu=gpu)[0]
+
+
+def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, gpu=None):
+    """run_kmeans for every k in ks on the same features, pre-processing them once.
+
+    The PCA is the expensive part at ImageNet size (N x D^2 for the covariance) and does not
+    depend on k. Returns a list of run_kmeans's (assignments, centroids, stats), one per k;
+    every stats dict carries the same preprocess_seconds.
     """
     start = time.perf_counter()
-    x = _check_features(features, k)
+    ks = [int(k) for k in ks]
+    if not ks:
+        raise ValueError("need at least one k")
+    x = _check_features(features, ks)
     if gpu is None:
         gpu = faiss.get_num_gpus() > 0
     elif gpu and faiss.get_num_gpus() == 0:
@@ -152,56 +167,69 @@ def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
         pca.prepare_Ab()
         x = pca.apply(x)
     faiss.normalize_L2(x)
+    preprocess_seconds = time.perf_counter() - start
 
-    kmeans = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
-        max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
-        min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
-    )
-    kmeans.train(x)
-    distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
-    assignments = assignments[:, 0].astype(np.int64)
+    results = []
+    for k in ks:
+        start = time.perf_counter()
+        kmeans = faiss.Kmeans(
+            x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
+            max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
+            min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
+        )
+        kmeans.train(x)
+        distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
+        assignments = assignments[:, 0].astype(np.int64)
 
-    sizes = np.bincount(assignments, minlength=k)
-    stats = {
-        "objective": float(distances.sum(dtype=np.float64)),
-        "size_min": int(sizes.min()),
-        "size_median": float(np.median(sizes)),
-        "size_max": int(sizes.max()),
-        "empty_clusters": int((sizes == 0).sum()),
-        "seconds": time.perf_counter() - start,
-        "pca_dim": int(pca_dim),
-    }
-    return assignments, kmeans.centroids, stats
+        sizes = np.bincount(assignments, minlength=k)
+        stats = {
+            "objective": float(distances.sum(dtype=np.float64)),
+            "size_min": int(sizes.min()),
+            "size_median": float(np.median(sizes)),
+            "size_max": int(sizes.max()),
+            "empty_clusters": int((sizes == 0).sum()),
+            "seconds": time.perf_counter() - start,
+            "preprocess_seconds": preprocess_seconds,
+            "pca_dim": int(pca_dim),
+        }
+        results.append((assignments, kmeans.centroids, stats))
+    return results
 
 
-def distributed_kmeans(features, k, num_samples, seed=0, niter=20, pca_dim=256, device=None):
-    """run_kmeans on rank 0, then the same assignments on every rank.
+def distributed_kmeans(features, ks, num_samples, seed=0, niter=20, pca_dim=256, device=None):
+    """run_kmeans_multi on rank 0, then the same assignments on every rank.
 
     Args:
         features: [N, F] on rank 0 (as returned by `extract_features`), None on other ranks.
+        ks: the numbers of prototypes, one k-means each (an int for one).
         device: where the broadcast runs; default the current CUDA device for NCCL, else CPU.
 
     Returns:
-        assignments: int64 [num_samples] CPU tensor, identical on every rank.
-        stats: run_kmeans's stats dict, on every rank.
+        assignments: int64 [num_samples, len(ks)] CPU tensor, identical on every rank.
+        stats: run_kmeans's stats dicts, one per k, on every rank.
     If clustering fails on rank 0, every rank raises its error instead of waiting forever.
     """
+    ks = [ks] if isinstance(ks, int) else list(ks)
+
+    def cluster():
+        results = run_kmeans_multi(features, ks, seed=seed, niter=niter, pca_dim=pca_dim)
+        columns = np.stack([assignments for assignments, _, _ in results], 1)
+        if len(columns) != num_samples:  # the broadcast buffer has num_samples rows
+            raise ValueError(f"got {len(columns)} features for num_samples={num_samples}")
+        return torch.from_numpy(columns), [stats for _, _, stats in results]
+
     rank, world_size = _dist_info()
     if world_size == 1:
-        assignments, _, stats = run_kmeans(features, k, seed=seed, niter=niter, pca_dim=pca_dim)
-        return torch.from_numpy(assignments), stats
+        return cluster()
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    assignments = torch.empty(num_samples, dtype=torch.int64, device=device)
+    assignments = torch.empty(num_samples, len(ks), dtype=torch.int64, device=device)
     outcome = [None]
     if rank == 0:
         try:
-            result, _, outcome[0] = run_kmeans(features, k, seed=seed, niter=niter, pca_dim=pca_dim)
-            if len(result) != num_samples:  # the broadcast buffer has num_samples rows
-                raise ValueError(f"got {len(result)} features for num_samples={num_samples}")
-            assignments.copy_(torch.from_numpy(result))
+            result, outcome[0] = cluster()
+            assignments.copy_(result)
         except Exception as error:
             outcome[0] = error
     dist.broadcast_object_list(outcome, src=0, device=device)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import linear_eval
 import train
-from cluster import distributed_kmeans, extract_features, nmi, run_kmeans
+from cluster import distributed_kmeans, extract_features, nmi, run_kmeans, run_kmeans_multi
 from lars import LARS
 from linear_eval import evaluate, export_encoder, knn_top1, load_encoder, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
@@ -431,6 +431,28 @@ def test_kmeans_whitening_and_inputs():
     assert from_half[2]["pca_dim"] == 8
 
 
+def test_kmeans_several_k_share_the_preprocessing():
+    # One PCA for every K gives what separate runs give; single-process distributed_kmeans too.
+    x, _ = _blobs(600, 6, 24, seed=4)
+    together = run_kmeans_multi(x, [6, 2, 12], seed=3, pca_dim=10, gpu=False)
+    assignments, stats = distributed_kmeans(torch.from_numpy(x).half(), [6, 2, 12], 600, seed=3, pca_dim=10)
+    assert assignments.shape == (600, 3) and len(stats) == 3
+    half = run_kmeans_multi(torch.from_numpy(x).half(), [6, 2, 12], seed=3, pca_dim=10, gpu=False)
+    for i, k in enumerate((6, 2, 12)):
+        alone = run_kmeans(x, k, seed=3, pca_dim=10, gpu=False)
+        np.testing.assert_array_equal(together[i][0], alone[0])
+        np.testing.assert_array_equal(together[i][1], alone[1])
+        assert together[i][2]["objective"] == pytest.approx(alone[2]["objective"])
+        assert together[i][1].shape == (k, 10) and together[i][2]["preprocess_seconds"] > 0
+        np.testing.assert_array_equal(assignments[:, i].numpy(), half[i][0])
+    with pytest.raises(ValueError, match="k=700 for N=600"):
+        run_kmeans_multi(x, [6, 700], gpu=False)
+    with pytest.raises(ValueError, match="k=700 for N=600"):
+        distributed_kmeans(x, [700], 600)
+    with pytest.raises(ValueError, match="599 features for num_samples=600"):
+        distributed_kmeans(x[:599], 6, 600)
+
+
 @pytest.mark.parametrize(
     "features, k, match",
     [
@@ -499,7 +521,7 @@ def _distributed_features_worker(rank, world_size, out_dir):
     ragged = DataLoader(dataset, batch_size=4, sampler=range(36, -1, -2) if rank == 0 else range(1, 37, 2))
     result["ragged"] = extract_features(_RowEncoder(), ragged, 37, "cpu", storage_dtype=torch.float32)
     features = result["fp32"][0]
-    result["kmeans"] = distributed_kmeans(features, 3, 37, seed=4, pca_dim=5)
+    result["kmeans"] = distributed_kmeans(features, [3, 6], 37, seed=4, pca_dim=5)
     try:
         distributed_kmeans(features, 100, 37)
     except ValueError as error:
@@ -523,11 +545,13 @@ def test_extract_features_and_kmeans_two_processes(tmp_path):
     assert torch.equal(rank0["ragged"][0], reference) and torch.equal(rank0["ragged"][1], dataset.targets)
     assert rank1["fp32"] == rank1["fp16"] == rank1["ragged"] == (None, None)
 
-    expected, _, expected_stats = run_kmeans(reference, 3, seed=4, pca_dim=5)
+    expected = [run_kmeans(reference, k, seed=4, pca_dim=5) for k in (3, 6)]
     for result in (rank0, rank1):
         assignments, stats = result["kmeans"]
-        assert assignments.dtype == torch.int64 and torch.equal(assignments, torch.from_numpy(expected))
-        assert stats["objective"] == pytest.approx(expected_stats["objective"])
+        assert assignments.dtype == torch.int64 and assignments.shape == (37, 2)
+        for column, (expected_assignments, _, expected_stats), st in zip(assignments.T, expected, stats):
+            assert torch.equal(column, torch.from_numpy(expected_assignments))
+            assert st["objective"] == pytest.approx(expected_stats["objective"])
         assert "k <= N" in result["kmeans_error"]
         assert "same number of batches" in result["uneven_error"]
 

@@ -371,13 +371,9 @@ def main(argv=None):
                             if args.cluster_aug else eval_features(args, model.encoder, train_set, rank, world, device))
                 model.train()
             stats["feature_seconds"] = time.time() - t0
-            columns = []
-            for k in ks:
-                a, kstats = cluster.distributed_kmeans(features, k, N, seed=args.seed + epoch, niter=args.kmeans_iters,
-                                                       pca_dim=args.pca_dim, device=device)
-                columns.append(a)
-                stats[f"kmeans_k{k}"] = kstats
-            assignments = torch.stack(columns, 1)                       # N x H
+            assignments, kstats = cluster.distributed_kmeans(   # N x H, one column per K
+                features, ks, N, seed=args.seed + epoch, niter=args.kmeans_iters, pca_dim=args.pca_dim, device=device)
+            stats.update({f"kmeans_k{k}": st for k, st in zip(ks, kstats)})
             stats["cluster_seconds"] = time.time() - t0
             if master:
                 stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())

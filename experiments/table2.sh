@@ -6,13 +6,17 @@
 #
 #   bash experiments/table2.sh                      # every row
 #   bash experiments/table2.sh simclr_s0 spcl_s0    # some rows; a finished row is skipped
-#   EPOCHS=20 OUT=results/cifar10_e20 bash experiments/table2.sh
+#   EPOCHS=20 PROTO_START=4 bash experiments/table2.sh simclr_s0 spcl_s0   # results/cifar10_e20
+#
+# PROTO_START (default 1) is --proto-start-epoch for the k-means rows: the epochs before it are
+# plain SimCLR, so the first clustering sees an encoder that has learnt something.
 #
 # Then: python experiments/report.py results/cifar10   (the table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
 EPOCHS=${EPOCHS:-3}
+PS=${PROTO_START:-1}
 OUT=${OUT:-results/cifar10_e${EPOCHS}}
 COMMON=(--dataset cifar10 --data "$DATA" --arch resnet18_narrow --epochs "$EPOCHS" --batch-size 512
         --warmup-epochs 1 --knn-every 1 --workers 2)
@@ -20,15 +24,15 @@ COMMON=(--dataset cifar10 --data "$DATA" --arch resnet18_narrow --epochs "$EPOCH
 declare -A ROWS=(
   [simclr_s0]="--w-metric 0 --w-proto 0 --seed 0"
   [simclr_s1]="--w-metric 0 --w-proto 0 --seed 1"
-  [spcl_s0]="--seed 0 --proto-start-epoch 1"
-  [spcl_s1]="--seed 1 --proto-start-epoch 1"
-  [spcl_sce_s0]="--seed 0 --proto-start-epoch 1 --proto-loss sce"
+  [spcl_s0]="--seed 0 --proto-start-epoch $PS"
+  [spcl_s1]="--seed 1 --proto-start-epoch $PS"
+  [spcl_sce_s0]="--seed 0 --proto-start-epoch $PS --proto-loss sce"
   [spcl_gt_s0]="--seed 0 --prototypes gt"
   [supervised_s0]="--seed 0 --prototypes gt --w-con 0 --w-metric 0"
-  [spcl_metric0.1_s0]="--seed 0 --proto-start-epoch 1 --w-metric 0.1"
-  [spcl_proto0.1_s0]="--seed 0 --proto-start-epoch 1 --w-proto 0.1"
-  [spcl_no_metric_s0]="--seed 0 --proto-start-epoch 1 --w-metric 0"
-  [spcl_no_proto_s0]="--seed 0 --proto-start-epoch 1 --w-proto 0"
+  [spcl_metric0.1_s0]="--seed 0 --proto-start-epoch $PS --w-metric 0.1"
+  [spcl_proto0.1_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0.1"
+  [spcl_no_metric_s0]="--seed 0 --proto-start-epoch $PS --w-metric 0"
+  [spcl_no_proto_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0"
 )
 ORDER=(random simclr_s0 spcl_s0 simclr_s1 spcl_s1 spcl_sce_s0 spcl_gt_s0 supervised_s0
        spcl_metric0.1_s0 spcl_proto0.1_s0 spcl_no_metric_s0 spcl_no_proto_s0)
@@ -53,5 +57,5 @@ torch.manual_seed(0); export_encoder(build_encoder('resnet18_narrow', True)[0], 
     ckpt=("$dir/checkpoint.pth")
   fi
   python linear_eval.py --checkpoint "${ckpt[@]}" --data "$DATA" --cached --out "$dir/linear_eval.jsonl"
-  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS}" > "$dir/row.json"
+  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS, \"proto_start\": $PS}" > "$dir/row.json"
 done
