@@ -279,6 +279,19 @@ class BatchAugment:
         return x
 
 
+# Named random streams for seeded_generator: one per use, so that no two uses share draws.
+TRAIN_VIEWS, CLUSTER_VIEWS, PROTO_HEADS, PROBE_VIEWS = range(4)
+
+
+def seeded_generator(*keys):
+    """A CPU torch.Generator for the random stream named by integers, e.g. (seed, TRAIN_VIEWS,
+    epoch, rank). Distinct tuples give unrelated streams (numpy's SeedSequence hashes them),
+    where a formula such as seed * A + epoch * B + rank repeats one as soon as rank >= B."""
+    entropy = [int(k) % 2**64 for k in keys]          # SeedSequence takes non-negative words
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def subset(dataset, n, seed):
     """A fixed random subset of n images (all when n = 0), in index order: the same images for the
     same seed (train.py's --train-subset and linear_eval.py's --subset both use seed 1234)."""

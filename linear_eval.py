@@ -196,7 +196,7 @@ def augmented_batches(train_set, batch_size, rank, world, image_size, mean_std, 
     if isinstance(train_set, data.InMemoryImages):
         def batches(epoch):
             sampler.set_epoch(epoch)
-            g = torch.Generator().manual_seed(seed * 1000003 + epoch * 101 + rank)
+            g = data.seeded_generator(seed, data.PROBE_VIEWS, epoch, rank)
             for idx in torch.tensor(list(sampler)).split(batch_size):
                 images = train_set.images[idx].to(device, non_blocking=True)
                 yield crop_flip(images, mean_std, g), train_set.targets[idx]

@@ -995,6 +995,19 @@ def test_checkpoint_of_another_configuration_is_refused(small_cifar, tmp_path):
         train.main(_train_args(small_cifar, tmp_path))
 
 
+def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():
+    def draws(*keys):
+        return tuple(torch.randint(0, 2**31, (4,), generator=data.seeded_generator(*keys)).tolist())
+
+    assert draws(0, data.TRAIN_VIEWS, 3, 5) == draws(0, data.TRAIN_VIEWS, 3, 5)      # reproducible
+    # The old seed * 1000003 + epoch * 101 + rank (+ 7 for cluster views) gave the first six
+    # one seed per pair: rank 101 = next epoch's rank 0, rank 7 = cluster views, seed 1 = epoch 9901.
+    keys = [(0, data.TRAIN_VIEWS, 0, 101), (0, data.TRAIN_VIEWS, 1, 0), (0, data.CLUSTER_VIEWS, 0, 0),
+            (0, data.TRAIN_VIEWS, 0, 7), (1, data.TRAIN_VIEWS, 0, 0), (0, data.TRAIN_VIEWS, 9901, 2),
+            (-1, data.TRAIN_VIEWS, 0, 0), (0, data.PROTO_HEADS, 0), (0, data.PROBE_VIEWS, 0, 0)]
+    assert len({draws(*k) for k in keys}) == len(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # kNN
 # ---------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def augmented_features(args, encoder, train_set, augment, rank, world, epoch, de
     """As eval_features, from one random SimCLR augmentation of every image (--cluster-aug, the paper)."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=False)
     if isinstance(train_set, data.InMemoryImages):
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank + 7)
+        g = data.seeded_generator(args.seed, data.CLUSTER_VIEWS, epoch, rank)
         batches = data.InMemoryLoader(train_set, list(sampler), 512, augment, g)
     else:
         batches = torch.utils.data.DataLoader(data.Transformed(train_set, data.simclr_transform(args.image_size)),
@@ -207,7 +207,7 @@ def augmented_features(args, encoder, train_set, augment, rank, world, epoch, de
 def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
     """Yields (v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H]) on device."""
     if isinstance(train_set, data.InMemoryImages):
-        g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 101 + rank)
+        g = data.seeded_generator(args.seed, data.TRAIN_VIEWS, epoch, rank)
         for triples in sampler:
             t = torch.tensor(triples)                              # P x 3
             idx = torch.cat([t[:, 0], t[:, 1]])                    # 2P: anchors, then partners
@@ -325,7 +325,7 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
         if master:
-            # Training draws its randomness from generators seeded by (seed, epoch, step, rank);
+            # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
             # the global state is restored for code that adds draws of its own.
             torch.set_rng_state(ckpt["rng"]["cpu"])
             changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
@@ -383,7 +383,7 @@ def main(argv=None):
             assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
         if use_prototypes:
             # New cluster ids mean nothing to the old heads: start them and their momentum over.
-            model.reset_proto_heads(torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+            model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch))
             for p in model.proto_heads.parameters():
                 optimizer.state.pop(p, None)
         sampler.set_assignments(assignments[:, 0])
