@@ -942,6 +942,23 @@ def test_prototype_heads_restart_identically_whatever_the_global_rng():
     assert w.std().item() == pytest.approx(0.01, rel=0.3) and not heads[0][1].any()    # N(0, 0.01), zero bias
 
 
+@pytest.mark.parametrize("prototypes, restarts", [("kmeans", [1, 2]), ("gt", [1])])
+def test_proto_heads_restart_after_each_clustering_only(small_cifar, tmp_path, monkeypatch, prototypes, restarts):
+    # k-means ids are arbitrary each epoch; class ids are not, so a GT head must keep its training.
+    seen = []
+    original = SPCLModel.reset_proto_heads
+
+    def recording(self, generator=None):
+        if generator is not None:            # None: the constructor's initialisation
+            seen.append([m["epoch"] for m in _metrics(tmp_path)] if os.path.exists(tmp_path / "metrics.jsonl") else [])
+        return original(self, generator)
+
+    monkeypatch.setattr(SPCLModel, "reset_proto_heads", recording)
+    train.main(_train_args(small_cifar, tmp_path, "--epochs", "3", "--proto-start-epoch", "1",
+                           "--prototypes", prototypes, "--train-subset", "128", "--knn-every", "0"))
+    assert [len(done) for done in seen] == restarts      # restarted at the start of these epochs
+
+
 def test_sce_and_several_k_run(small_cifar, tmp_path):
     train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--proto-loss", "sce", "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]

@@ -381,8 +381,9 @@ def main(argv=None):
                     stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
         else:
             assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
-        if use_prototypes:
+        if use_prototypes and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
             # New cluster ids mean nothing to the old heads: start them and their momentum over.
+            # Ground-truth classes keep their ids: that head starts once and then keeps learning.
             model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch))
             for p in model.proto_heads.parameters():
                 optimizer.state.pop(p, None)
