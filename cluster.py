@@ -58,17 +58,22 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
             batch_features = encoder(images.to(device, non_blocking=True))  # [B, F]
         batch_features = batch_features.to(storage_dtype)
         indices = torch.as_tensor(indices)
-        if len(indices) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples:
-            low, high = int(indices.min()), int(indices.max())
-            raise ValueError(f"dataset indices must lie in [0, {num_samples}), got {low}..{high}")
+        bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
+        message = (f"dataset indices must lie in [0, {num_samples}), got "
+                   + (f"{int(indices.min())}..{int(indices.max())}" if bad else "others on another rank"))
+        if bad and world_size == 1:
+            raise ValueError(message)
         # Indices and targets travel together as [B, 2] int64, padded rows marked index -1.
         meta = torch.stack([indices, torch.as_tensor(batch_targets)], dim=1).to(device, torch.int64)
 
         if world_size > 1:
-            # The last batches may differ in size across ranks, and gather needs equal shapes.
-            size = torch.tensor([len(meta)], device=device)
-            dist.all_reduce(size, op=dist.ReduceOp.MAX)
-            pad = int(size) - len(meta)
+            # The last batches may differ in size across ranks, and gather needs equal shapes; the
+            # same reduction tells every rank about bad indices anywhere, so that all of them stop.
+            size_bad = torch.tensor([len(meta), int(bad)], device=device)
+            dist.all_reduce(size_bad, op=dist.ReduceOp.MAX)
+            if size_bad[1]:
+                raise ValueError(message)
+            pad = int(size_bad[0]) - len(meta)
             batch_features = torch.nn.functional.pad(batch_features, (0, 0, 0, pad))
             meta = torch.nn.functional.pad(meta, (0, 0, 0, pad), value=-1)
             gathered_features = gathered_meta = None

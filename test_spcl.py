@@ -526,6 +526,15 @@ def _distributed_features_worker(rank, world_size, out_dir):
         distributed_kmeans(features, 100, 37)
     except ValueError as error:
         result["kmeans_error"] = str(error)
+    # One rank's bad index stops both ranks (the other would otherwise wait in a collective).
+    batches = list(DataLoader(dataset, batch_size=4, sampler=range(rank, 36, 2)))
+    if rank == 1:
+        images, targets, indices = batches[2]
+        batches[2] = (images, targets, indices + 40)
+    try:
+        extract_features(_RowEncoder(), batches, 37, "cpu")
+    except ValueError as error:
+        result["index_error"] = str(error)
     uneven = DataLoader(dataset, batch_size=4, sampler=range(25) if rank == 0 else range(25, 37))
     try:
         extract_features(_RowEncoder(), uneven, 37, "cpu")
@@ -553,6 +562,7 @@ def test_extract_features_and_kmeans_two_processes(tmp_path):
             assert torch.equal(column, torch.from_numpy(expected_assignments))
             assert st["objective"] == pytest.approx(expected_stats["objective"])
         assert "k <= N" in result["kmeans_error"]
+        assert "must lie in [0, 37)" in result["index_error"]
         assert "same number of batches" in result["uneven_error"]
 
 
@@ -971,13 +981,31 @@ def test_sce_and_several_k_run(small_cifar, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--data", "/nonexistent"], "is not a directory"),
     (["--data", HERE], "neither torchvision's"),
-    (["--batch-size", "63"], "divisible by 2"),
+    (["--batch-size", "63"], "multiple of 2 x world size"),
     (["--num-prototypes", "320"], "2 <= K < N"),
     (["--arch", "resnet7"], "unknown --arch"),
+    (["--batch-size", "0"], "positive multiple of 2"),
+    (["--num-prototypes", "512,"], "comma list"),
+    (["--num-prototypes", "1"], "K must be >= 2"),
+    (["--p-same", "1.5"], r"--p-same must be in \[0, 1\]"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--w-metric", "-0.1"], "weights must be >= 0"),
+    (["--w-con", "0", "--w-metric", "0", "--w-proto", "0"], "all three loss weights are 0"),
+    (["--w-con", "0", "--proto-start-epoch", "1"], "nothing to train before --proto-start-epoch 1"),
+    (["--kmeans-iters", "0"], "--kmeans-iters must be >= 1"),
 ])
 def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         train.main(_train_args(small_cifar, tmp_path) + extra)
+
+
+def test_a_foreign_file_in_out_is_refused_and_kept(small_cifar, tmp_path):
+    export_encoder(build_encoder("resnet18_narrow", True)[0], str(tmp_path / "checkpoint.pth"))
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(SystemExit, match="not a train.py checkpoint"):
+        train.main(_train_args(small_cifar, tmp_path))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path, monkeypatch):

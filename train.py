@@ -87,6 +87,39 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args, world):
+    """The first problem with the flags as a sentence saying how to fix it, or None."""
+    try:
+        ks = [int(k) for k in str(args.num_prototypes).split(",")]
+    except ValueError:
+        return f"--num-prototypes {args.num_prototypes!r}: give K or a comma list such as 50,512"
+    problems = [
+        (args.arch not in ARCHS, f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}"),
+        (args.batch_size < 2 or args.batch_size % (2 * world),
+         f"--batch-size {args.batch_size} must be a positive multiple of 2 x world size = {2 * world} "
+         "(it counts images, made of pairs, split evenly over the ranks)"),
+        (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (not args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
+        (not min(args.w_con, args.w_metric, args.w_proto) >= 0,
+         f"loss weights must be >= 0, got --w-con {args.w_con} --w-metric {args.w_metric} --w-proto {args.w_proto}"),
+        (not args.w_con + args.w_metric + args.w_proto > 0, "all three loss weights are 0: nothing to train"),
+        (not args.w_con and args.proto_start_epoch > 0,
+         f"--w-con 0 leaves nothing to train before --proto-start-epoch {args.proto_start_epoch} "
+         "(those epochs are NT-Xent alone): drop one of the two"),
+        (not 0 <= args.p_same <= 1, f"--p-same must be in [0, 1], got {args.p_same}"),
+        (any(k < 2 for k in ks), f"--num-prototypes {args.num_prototypes}: each K must be >= 2"),
+        (min(args.proto_start_epoch, args.knn_every, args.pca_dim, args.train_subset, args.stop_after,
+             args.workers) < 0, "--proto-start-epoch, --knn-every, --pca-dim, --train-subset, --stop-after "
+                                "and --workers must be >= 0"),
+        (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
+        (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
+    ]
+    return next((message for bad, message in problems if bad), None)
+
+
 def fail(message, master=True):
     """Stop with a one-line error (printed once, by rank 0) instead of a traceback."""
     sys.exit(f"train.py: error: {message}" if master else 1)
@@ -239,6 +272,8 @@ def load_checkpoint(path, config, master):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:            # a truncated or foreign file: say which file, never overwrite it
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); move it away to start afresh", master)
+    if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
+        fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out", master)
     saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
     differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL if saved[k] != config[k]]
     if differs:
@@ -254,13 +289,9 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
 
     # ---- checks that deserve a sentence, not a traceback -------------------------------------
-    if args.arch not in ARCHS:
-        fail(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}", master)
-    if args.batch_size % (2 * world):
-        fail(f"--batch-size {args.batch_size} must be divisible by 2 x world size = {2 * world} "
-             "(it counts images, made of pairs, split evenly over the ranks)", master)
-    if args.epochs < 1:
-        fail(f"--epochs must be >= 1, got {args.epochs}", master)
+    problem = check_args(args, world)
+    if problem:
+        fail(problem, master)
     if args.download and world > 1 and not master:
         dist.barrier()                        # rank 0 downloads first
     try:
@@ -322,7 +353,8 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path, config, master)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
         if master:
             # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
