@@ -1000,6 +1000,18 @@ def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, messag
         train.main(_train_args(small_cifar, tmp_path) + extra)
 
 
+def test_resume_into_fp16_loss_scaling_from_a_run_without_it(small_cifar, tmp_path, monkeypatch):
+    # Trained on the CPU (or a bf16 GPU): no scaler state. Resumed where fp16 needs loss scaling
+    # (a V100, say), which an enabled CPU GradScaler stands in for here.
+    train.main(_train_args(small_cifar, tmp_path, "--stop-after", "1", "--train-subset", "128"))
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"] == {}
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
+    train.main(_train_args(small_cifar, tmp_path, "--train-subset", "128"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
+
+
 def test_a_foreign_file_in_out_is_refused_and_kept(small_cifar, tmp_path):
     export_encoder(build_encoder("resnet18_narrow", True)[0], str(tmp_path / "checkpoint.pth"))
     before = (tmp_path / "checkpoint.pth").read_bytes()
