@@ -32,7 +32,7 @@ def load_row(folder):
     return {"knn_top1": last.get("knn_top1", knn[-1]["knn_top1"] if knn else None),
             "linear_top1": probe[-1]["top1"], "sim_tp": last.get("sim_tp"), "sim_fn": last.get("sim_fn"),
             "nmi_gt": last.get("nmi_gt"), "images_seen": last.get("images_seen", 0),
-            "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60,
+            "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60 if metrics else None,
             "wall_minutes": wall[-1]["wall_seconds"] / 60 if wall else None}
 
 
