@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Table 2 ablation on real CIFAR-10 in the small CPU configuration, with equal compute
 # for every row (same epochs, same images seen). Each finished row leaves its metrics.jsonl and
-# linear_eval.jsonl in results/cifar10/<row>/ (checkpoints stay out of git), so rows can
+# linear_eval.jsonl in results/cifar10_e$EPOCHS/<row>/ (checkpoints stay out of git), so rows can
 # accumulate over several sittings:
 #
 #   bash experiments/table2.sh                      # every row
@@ -11,7 +11,7 @@
 # PROTO_START (default 1) is --proto-start-epoch for the k-means rows: the epochs before it are
 # plain SimCLR, so the first clustering sees an encoder that has learnt something.
 #
-# Then: python experiments/report.py results/cifar10   (the table)
+# Then: python experiments/report.py results/cifar10_e3   (the table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
