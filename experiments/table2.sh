@@ -33,9 +33,11 @@ declare -A ROWS=(
   [spcl_proto0.1_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0.1"
   [spcl_no_metric_s0]="--seed 0 --proto-start-epoch $PS --w-metric 0"
   [spcl_no_proto_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0"
+  [spcl_k10_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 10"
+  [spcl_k50_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 50"
 )
 ORDER=(random simclr_s0 spcl_s0 simclr_s1 spcl_s1 spcl_sce_s0 spcl_gt_s0 supervised_s0
-       spcl_metric0.1_s0 spcl_proto0.1_s0 spcl_no_metric_s0 spcl_no_proto_s0)
+       spcl_metric0.1_s0 spcl_proto0.1_s0 spcl_no_metric_s0 spcl_no_proto_s0 spcl_k10_s0 spcl_k50_s0)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for row in "${ORDER[@]}"; do
