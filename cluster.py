@@ -59,10 +59,8 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
         batch_features = batch_features.to(storage_dtype)
         indices = torch.as_tensor(indices)
         bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
-        message = (f"dataset indices must lie in [0, {num_samples}), got "
-                   + (f"{int(indices.min())}..{int(indices.max())}" if bad else "others on another rank"))
         if bad and world_size == 1:
-            raise ValueError(message)
+            raise _index_error(indices, num_samples)
         # Indices and targets travel together as [B, 2] int64, padded rows marked index -1.
         meta = torch.stack([indices, torch.as_tensor(batch_targets)], dim=1).to(device, torch.int64)
 
@@ -72,7 +70,7 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
             size_bad = torch.tensor([len(meta), int(bad)], device=device)
             dist.all_reduce(size_bad, op=dist.ReduceOp.MAX)
             if size_bad[1]:
-                raise ValueError(message)
+                raise _index_error(indices if bad else None, num_samples)
             pad = int(size_bad[0]) - len(meta)
             batch_features = torch.nn.functional.pad(batch_features, (0, 0, 0, pad))
             meta = torch.nn.functional.pad(meta, (0, 0, 0, pad), value=-1)
@@ -104,6 +102,12 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
     if missing:
         raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out of the loader")
     return (features, targets) if rank == 0 else (None, None)
+
+
+def _index_error(indices, num_samples):
+    """The ValueError for dataset indices outside [0, N); indices None: they were on another rank."""
+    got = "others on another rank" if indices is None else f"{int(indices.min())}..{int(indices.max())}"
+    return ValueError(f"dataset indices must lie in [0, {num_samples}), got {got}")
 
 
 def _check_features(features, ks):

@@ -87,10 +87,15 @@ def get_args(argv=None):
     return args
 
 
+def prototype_counts(text):
+    """--num-prototypes "50,512" -> [50, 512]; ValueError when it is not a comma list of integers."""
+    return [int(k) for k in str(text).split(",")]
+
+
 def check_args(args, world):
     """The first problem with the flags as a sentence saying how to fix it, or None."""
     try:
-        ks = [int(k) for k in str(args.num_prototypes).split(",")]
+        ks = prototype_counts(args.num_prototypes)
     except ValueError:
         return f"--num-prototypes {args.num_prototypes!r}: give K or a comma list such as 50,512"
     problems = [
@@ -111,9 +116,8 @@ def check_args(args, world):
          "(those epochs are NT-Xent alone): drop one of the two"),
         (not 0 <= args.p_same <= 1, f"--p-same must be in [0, 1], got {args.p_same}"),
         (any(k < 2 for k in ks), f"--num-prototypes {args.num_prototypes}: each K must be >= 2"),
-        (min(args.proto_start_epoch, args.knn_every, args.pca_dim, args.train_subset, args.stop_after,
-             args.workers) < 0, "--proto-start-epoch, --knn-every, --pca-dim, --train-subset, --stop-after "
-                                "and --workers must be >= 0"),
+        *[(getattr(args, name) < 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+          for name in ("proto_start_epoch", "knn_every", "pca_dim", "train_subset", "stop_after", "workers")],
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
         (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
     ]
@@ -311,7 +315,7 @@ def main(argv=None):
     N = len(targets)
     num_classes = len(train_set.classes)
     uses_prototypes = bool(args.w_metric or args.w_proto)
-    ks = [num_classes] if args.prototypes == "gt" else [int(k) for k in str(args.num_prototypes).split(",")]
+    ks = [num_classes] if args.prototypes == "gt" else prototype_counts(args.num_prototypes)
     if uses_prototypes and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
         fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} images", master)
     if args.batch_size > N:
