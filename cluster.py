@@ -25,7 +25,7 @@ def _dist_info():
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16, autocast=False):
+def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16, amp_dtype=None):
     """Encoder features of every image, in dataset-index order, collected on rank 0.
 
     Args:
@@ -37,7 +37,8 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
         num_samples: N, the dataset size.
         device: where the encoder runs, and where the collectives run (NCCL needs CUDA).
         storage_dtype: dtype of the returned features; fp16 halves rank 0's memory.
-        autocast: run the encoder under torch.autocast.
+        amp_dtype: run the encoder under torch.autocast in this dtype (the training one), or
+            in full precision when None.
 
     Returns:
         On rank 0, (features [N, F] CPU storage_dtype, targets [N] CPU int64);
@@ -54,7 +55,7 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
 
     features = targets = seen = None
     for images, batch_targets, indices in loader:
-        with torch.autocast(device.type, enabled=autocast):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             batch_features = encoder(images.to(device, non_blocking=True))  # [B, F]
         batch_features = batch_features.to(storage_dtype)
         indices = torch.as_tensor(indices)
@@ -175,6 +176,8 @@ def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, gpu=None):
         pca.epsilon = 1e-4 * top_variance
         pca.prepare_Ab()
         x = pca.apply(x)
+    else:
+        x = x.copy()  # normalize_L2 works in place: never on the caller's array
     faiss.normalize_L2(x)
     preprocess_seconds = time.perf_counter() - start
 
@@ -246,6 +249,21 @@ def distributed_kmeans(features, ks, num_samples, seed=0, niter=20, pca_dim=256,
         raise outcome[0]
     dist.broadcast(assignments, src=0)
     return assignments.cpu(), outcome[0]
+
+
+@torch.no_grad()
+def cluster_means(features, assignments, k, chunk=65536):
+    """The mean feature of each of k clusters, L2-normalised: [k, F] float32 (an empty cluster's
+    row is 0). features [N, F] any float dtype, assignments [N] int64 in [0, k); summed in chunks,
+    so a float16 bank is never copied whole to float32."""
+    features, assignments = torch.as_tensor(features), torch.as_tensor(assignments)
+    if features.dim() != 2 or assignments.shape != features.shape[:1]:
+        raise ValueError(f"need features [N, F] and assignments [N], got {tuple(features.shape)} "
+                         f"and {tuple(assignments.shape)}")
+    sums = torch.zeros(k, features.shape[1])
+    for start in range(0, len(features), chunk):
+        sums.index_add_(0, assignments[start:start + chunk], features[start:start + chunk].float())
+    return torch.nn.functional.normalize(sums, dim=1)
 
 
 def nmi(a, b):

@@ -355,7 +355,7 @@ def main(argv=None):
     def features_of(split):
         """[N, F] fp16 CPU features and [N] targets of a split, on rank 0; None elsewhere."""
         batches = data.eval_batches(split, rank, world, image_size, mean_std, args.workers)
-        return cluster.extract_features(encoder, batches, len(split), device, autocast=cuda)
+        return cluster.extract_features(encoder, batches, len(split), device, amp_dtype=amp_dtype)
 
     test_features, test_targets = features_of(test_set)
     result = {"checkpoint": args.checkpoint, "arch": info["arch"], "dataset": dataset,

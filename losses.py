@@ -51,10 +51,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        world = dist.get_world_size()
-        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        _all_gather_single(out, x.contiguous())
-        return out
+        return _gather(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -64,6 +61,15 @@ class _GatherWithGrad(torch.autograd.Function):
         return local
 
 
+def _gather(x):
+    """Concatenate x [n, ...] over all ranks in rank order -> [W*n, ...], without gradients."""
+    if not _distributed():
+        return x
+    out = x.new_empty((dist.get_world_size() * x.shape[0],) + tuple(x.shape[1:]))
+    _all_gather_single(out, x.contiguous())
+    return out
+
+
 def gather_with_grad(x):
     """Concatenate x [n, ...] over all ranks in rank order -> [W*n, ...], keeping gradients."""
     if not _distributed():
@@ -71,16 +77,19 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-def nt_xent(z1, z2, temperature=0.5, validate=True):
+def nt_xent(z1, z2, temperature=0.5, labels=None, validate=True):
     """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR): the mean over all 2M views of the global batch of
 
         l_i = -log( exp(sim(z_i, z_i') / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
 
     where i' is the other view of the same image and k runs over all 2M views of all ranks.
+    With `labels`, every view k of another image with i's label leaves i's denominator (a known
+    false negative is not pushed away); labels=None, or labels all distinct, is SimCLR exactly.
 
     Args:
         z1, z2: [B, D], the two views of this rank's B images (row j of z1 and z2: image j).
         temperature: t > 0.
+        labels: optional [B] int64, e.g. each image's prototype.
         validate: also check the values (NaN / Inf), see the module docstring.
 
     Returns:
@@ -97,6 +106,8 @@ def nt_xent(z1, z2, temperature=0.5, validate=True):
     _check(z1.shape[0] >= 2, f"nt_xent: needs at least 2 images per rank (got B={z1.shape[0]}): "
                              "with one image the only candidate is the positive")
     _check(temperature > 0, f"nt_xent: temperature must be > 0, got {temperature}")
+    _check(labels is None or labels.shape == (z1.shape[0],),
+           f"nt_xent: labels must be [B]={z1.shape[0]}, got {None if labels is None else tuple(labels.shape)}")
     if validate:
         _check_finite("nt_xent", z1, z2)
 
@@ -110,6 +121,11 @@ def nt_xent(z1, z2, temperature=0.5, validate=True):
     logits.diagonal(offset).fill_(float("-inf"))             # k != i: drop each view's self-similarity
     local = torch.arange(2 * B, device=z.device)
     positives = offset + (local + B) % (2 * B)               # column of the other view, i'
+    if labels is not None:
+        views = torch.cat([labels, labels])                  # 2B, the layout of z
+        same = views[:, None] == _gather(views)[None, :]     # 2B x 2BW, no gradient needed
+        same[local, positives] = False                       # i' stays: it is the positive
+        logits = logits.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(logits, positives)
     if _distributed():
         # Report the global mean while keeping the local gradient (see the docstring).
@@ -230,8 +246,11 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), 
     return alpha * ce + beta * rce
 
 
+CONTRAST_MODES = ("joint", "per-side", "masked")
+
+
 def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
-              w_con=1.0, w_metric=1.0, w_proto=1.0, temperature=0.5, proto_loss="ce",
+              w_con=1.0, w_metric=1.0, w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce",
               same_image_pairs=True, validate=True):
     """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch.
 
@@ -245,23 +264,41 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
         metric_head: module [Q, F] -> [Q, 1] (Eq. 3).
         proto_heads: H modules, head j: [N, F] -> [N, K_j] (Eq. 4); L_proto averages over them.
         w_con, w_metric, w_proto: the weights; a term whose weight is 0 is not computed.
-        temperature: NT-Xent's t.  proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
+        temperature: NT-Xent's t.
+        contrast: which views share NT-Xent's softmax (Eq. 1-2):
+            "joint"     all 4P views of the batch, as SimCLR: a same-prototype partner is a
+                        negative of its anchor while Eq. 3 pulls the two together;
+            "per-side"  the anchors' 2P views and the partners' 2P views separately (each with
+                        negatives from every rank), L_con the mean of the two sides; the official
+                        code sums them, which is this at twice w_con;
+            "masked"    joint, with every view of an image of the same prototype (first column of
+                        `prototypes`) removed from each view's denominator.
+        proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
         same_image_pairs: see siamese_pairs.  validate: passed to every term (see above).
 
     Returns:
         (total scalar with gradient, {term name: detached scalar} for each computed term).
     """
     _check(proto_loss in ("ce", "sce"), f"spcl_loss: proto_loss must be 'ce' or 'sce', got {proto_loss!r}")
+    _check(contrast in CONTRAST_MODES, f"spcl_loss: contrast must be one of {CONTRAST_MODES}, got {contrast!r}")
     _check(w_con or w_metric or w_proto, "spcl_loss: all three weights are 0, nothing to train")
+    _check(h1.dim() == 2 and h1.shape[0] % 2 == 0 and z1.shape[0] == h1.shape[0],
+           f"spcl_loss: z1 and h1 must hold 2P rows (P anchors, then P partners), got {tuple(z1.shape)} "
+           f"and {tuple(h1.shape)}")
+    P = h1.shape[0] // 2
+    if prototypes.dim() == 1:
+        prototypes = prototypes[:, None]                     # 2P x H
     terms = {}
-    if w_con:
-        terms["con"] = (w_con, nt_xent(z1, z2, temperature, validate))
+    if w_con and contrast == "per-side":
+        sides = [nt_xent(z1[s], z2[s], temperature, validate=validate) for s in (slice(0, P), slice(P, None))]
+        terms["con"] = (w_con, (sides[0] + sides[1]) / 2)
+    elif w_con:
+        labels = prototypes[:, 0] if contrast == "masked" else None
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, validate=validate))
     if w_metric:
         left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)
         terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label, validate))
     if w_proto:
-        if prototypes.dim() == 1:
-            prototypes = prototypes[:, None]                 # 2P x H
         _check(prototypes.shape == (h1.shape[0], len(proto_heads)),
                f"spcl_loss: prototypes must be [2P, H]=[{h1.shape[0]}, {len(proto_heads)}] "
                f"(one column per prototype head), got {tuple(prototypes.shape)}")

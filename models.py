@@ -79,11 +79,15 @@ class SPCLModel(nn.Module):
         self.reset_proto_heads()
 
     @torch.no_grad()
-    def reset_proto_heads(self, generator=None):
-        """New clusters have arbitrary ids, so the heads start over: N(0, 0.01) weights, zero bias.
-        Drawn on the CPU from `generator`, so that every rank (and a resumed run) draws the same."""
-        for head in self.proto_heads:
-            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+    def reset_proto_heads(self, generator=None, weights=None):
+        """New clusters have arbitrary ids, so the heads start over, with zero bias and weights
+        N(0, 0.01) drawn on the CPU from `generator` (so that every rank, and a resumed run, draws
+        the same), or copied from `weights`, one [K_j, F] tensor per head (centroid heads)."""
+        for j, head in enumerate(self.proto_heads):
+            if weights is None:
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+            else:
+                head.weight.copy_(weights[j])
             head.bias.zero_()
 
     def forward(self, x):

@@ -958,10 +958,10 @@ def test_proto_heads_restart_after_each_clustering_only(small_cifar, tmp_path, m
     seen = []
     original = SPCLModel.reset_proto_heads
 
-    def recording(self, generator=None):
+    def recording(self, generator=None, weights=None):
         if generator is not None:            # None: the constructor's initialisation
             seen.append(len(_metrics(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else 0)
-        return original(self, generator)
+        return original(self, generator, weights)
 
     monkeypatch.setattr(SPCLModel, "reset_proto_heads", recording)
     train.main(_train_args(small_cifar, tmp_path, "--epochs", "3", "--proto-start-epoch", "1",

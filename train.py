@@ -10,6 +10,7 @@ clustering, random batches). `--out DIR` holds checkpoint.pth (resumed automatic
 metrics.jsonl (one JSON line per epoch).
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -27,18 +28,25 @@ import cluster
 import data
 from lars import LARS
 from linear_eval import knn_top1
-from losses import spcl_loss
+from losses import CONTRAST_MODES, spcl_loss
 from models import ARCHS, SPCLModel
 from sampler import PairDataset, PrototypePairSampler
 
 # Defaults that differ by dataset; CIFAR's are the official code's (SPEC.md, "Hyper-parameters").
 DATASET_DEFAULTS = {
-    "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32),
-    "cifar100": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32),
+    # Colour jitter 0.5 is SimCLR's CIFAR recipe; the official SPCL config uses 1.0 (as ImageNet).
+    "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32,
+                    jitter=0.5),
+    "cifar100": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32,
+                     jitter=0.5),
     # ImageNet: SimCLR's ResNet-50 recipe (temperature 0.1 at large batch), one prototype per class.
-    "imagenet": dict(arch="resnet50", epochs=200, batch_size=1024, num_prototypes="1000", temperature=0.1, image_size=224),
-    "folder": dict(arch="resnet50", epochs=200, batch_size=256, num_prototypes="100", temperature=0.5, image_size=224),
+    "imagenet": dict(arch="resnet50", epochs=200, batch_size=1024, num_prototypes="1000", temperature=0.1, image_size=224,
+                     jitter=1.0),
+    "folder": dict(arch="resnet50", epochs=200, batch_size=256, num_prototypes="100", temperature=0.5, image_size=224,
+                   jitter=1.0),
 }
+# Format 2: the prototype heads have an optimiser of their own (format 1 had them inside LARS).
+CHECKPOINT_FORMAT = 2
 # A checkpoint is refused when one of these differs from the current run.
 STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on", "w_proto_on")
 
@@ -57,11 +65,20 @@ def get_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=10)
     p.add_argument("--temperature", type=float, help="NT-Xent temperature")
     p.add_argument("--image-size", type=int)
+    p.add_argument("--jitter", type=float, help="colour-jitter strength s (0.8s, 0.8s, 0.8s, 0.2s; default: "
+                                                "CIFAR 0.5 as SimCLR's CIFAR recipe, ImageNet 1.0; official SPCL: 1.0)")
     # Eq. 5 and Table 2.
     p.add_argument("--w-con", type=float, default=1.0, help="weight of NT-Xent (Eq. 1-2)")
     p.add_argument("--w-metric", type=float, default=1.0, help="weight of the Siamese metric loss (Eq. 3)")
     p.add_argument("--w-proto", type=float, default=1.0, help="weight of the prototype CE (Eq. 4)")
     p.add_argument("--proto-loss", choices=("ce", "sce"), default="ce", help="plain or symmetric CE (Eq. 4)")
+    p.add_argument("--contrast", choices=CONTRAST_MODES,
+                   help="which views share NT-Xent's softmax (losses.spcl_loss); default: per-side for "
+                        "SPCL, joint (all views, standard SimCLR) with --w-metric 0 --w-proto 0")
+    p.add_argument("--head-lr", type=float, default=1.0,
+                   help="lr of the prototype heads' own SGD (constant, no momentum), scaled by batch/256")
+    p.add_argument("--head-init", choices=("random", "centroids"), default="random",
+                   help="prototype heads after each clustering: N(0, 0.01), or each row the cluster's mean feature")
     p.add_argument("--prototypes", choices=("kmeans", "gt"), default="kmeans",
                    help="k-means clusters, or the ground-truth classes (Table 2's SPCL (GT))")
     p.add_argument("--num-prototypes", help="K, or a comma list for several clusterings (one head each)")
@@ -70,7 +87,8 @@ def get_args(argv=None):
                    help="Eq. 3 on the cross-image pairs only (the official code adds (a, a') and (b, b'))")
     p.add_argument("--cluster-aug", action="store_true",
                    help="cluster features of one random augmentation (the paper) instead of the eval view")
-    p.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening before k-means; 0 = off")
+    p.add_argument("--pca-dim", type=int,
+                   help="PCA-whitening before k-means; 0 = off (default: min(256, F / 2), F the feature size)")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--proto-start-epoch", type=int, default=0,
                    help="plain SimCLR before this epoch, while clusters are still noise")
@@ -84,6 +102,8 @@ def get_args(argv=None):
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.contrast is None:
+        args.contrast = "per-side" if args.w_metric or args.w_proto else "joint"
     return args
 
 
@@ -106,6 +126,10 @@ def check_args(args, world):
         (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
         (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (not args.head_lr > 0, f"--head-lr must be > 0, got {args.head_lr}"),
+        (not args.jitter >= 0, f"--jitter must be >= 0, got {args.jitter}"),
+        (args.head_init == "centroids" and (args.prototypes != "kmeans" or not args.w_proto),
+         "--head-init centroids needs k-means prototypes and a prototype head (--w-proto > 0)"),
         (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (not args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
         (not min(args.w_con, args.w_metric, args.w_proto) >= 0,
@@ -117,7 +141,8 @@ def check_args(args, world):
         (not 0 <= args.p_same <= 1, f"--p-same must be in [0, 1], got {args.p_same}"),
         (any(k < 2 for k in ks), f"--num-prototypes {args.num_prototypes}: each K must be >= 2"),
         *[(getattr(args, name) < 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-          for name in ("proto_start_epoch", "knn_every", "pca_dim", "train_subset", "stop_after", "workers")],
+          for name in ("proto_start_epoch", "knn_every", "train_subset", "stop_after", "workers")],
+        (args.pca_dim is not None and args.pca_dim < 0, f"--pca-dim must be >= 0, got {args.pca_dim}"),
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
         (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
     ]
@@ -183,7 +208,8 @@ class TrainStep(nn.Module):
             return spcl_loss(
                 z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
                 w_con=a.w_con, w_metric=a.w_metric if use_prototypes else 0, w_proto=a.w_proto if use_prototypes else 0,
-                temperature=a.temperature, proto_loss=a.proto_loss, same_image_pairs=not a.no_same_image_pairs,
+                temperature=a.temperature, contrast=a.contrast, proto_loss=a.proto_loss,
+                same_image_pairs=not a.no_same_image_pairs,
                 validate=False)
 
 
@@ -206,7 +232,7 @@ def similarity_probe(args, model, train_set, augment, device, size=2048):
     else:
         with torch.random.fork_rng():         # the PIL transforms draw from torch's global RNG
             torch.manual_seed(4321)
-            views = data.Transformed(train_set, data.simclr_transform(args.image_size))
+            views = data.Transformed(train_set, data.simclr_transform(args.image_size, args.jitter))
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(views, idx.tolist()), batch_size=256,
                                                  num_workers=args.workers)
             pairs = [(model(x.to(device))[1].float(), model(x2.to(device))[1].float())
@@ -221,24 +247,25 @@ def similarity_probe(args, model, train_set, augment, device, size=2048):
             "sim_tn": sim[~same_class].mean().item()}
 
 
-def eval_features(args, encoder, dataset, rank, world, device):
+def eval_features(args, encoder, dataset, rank, world, device, amp_dtype):
     """Encoder features [N, F] (fp16, rank 0; None elsewhere) of a whole split in the evaluation view."""
     batches = data.eval_batches(dataset, rank, world, args.image_size, data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"]),
                                 args.workers)
-    return cluster.extract_features(encoder, batches, len(dataset), device, autocast=device.type == "cuda")[0]
+    return cluster.extract_features(encoder, batches, len(dataset), device, amp_dtype=amp_dtype)[0]
 
 
-def augmented_features(args, encoder, train_set, augment, rank, world, epoch, device):
+def augmented_features(args, encoder, train_set, augment, rank, world, epoch, device, amp_dtype):
     """As eval_features, from one random SimCLR augmentation of every image (--cluster-aug, the paper)."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=False)
     if isinstance(train_set, data.InMemoryImages):
         g = data.seeded_generator(args.seed, data.CLUSTER_VIEWS, epoch, rank)
         batches = data.InMemoryLoader(train_set, list(sampler), 512, augment, g)
     else:
-        batches = torch.utils.data.DataLoader(data.Transformed(train_set, data.simclr_transform(args.image_size)),
+        batches = torch.utils.data.DataLoader(data.Transformed(train_set, data.simclr_transform(args.image_size,
+                                                                                                args.jitter)),
                                               batch_size=512, sampler=sampler,
                                               num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    return cluster.extract_features(encoder, batches, len(train_set), device, autocast=device.type == "cuda")[0]
+    return cluster.extract_features(encoder, batches, len(train_set), device, amp_dtype=amp_dtype)[0]
 
 
 def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
@@ -257,6 +284,36 @@ def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch
     for a1, a2, b1, b2, same, _, _, pa, pb in loader:
         to = lambda *xs: torch.cat(xs).to(device, non_blocking=True)
         yield to(a1, b1), to(a2, b2), same.to(device), to(pa, pb).view(2 * len(same), -1)
+
+
+def head_optimizer(model, args):
+    """Eq. 4's heads train on their own, as in the official code: plain SGD (no momentum) at a
+    constant lr, outside LARS and its schedule, made anew with the heads after every clustering.
+    Inside LARS a head re-drawn at N(0, 0.01) could not learn within an epoch: LARS moves a weight
+    by about lr x eta = 0.2 % of its norm per step, and the cosine schedule takes lr to 0."""
+    if not len(model.proto_heads):
+        return None
+    return torch.optim.SGD(model.proto_heads.parameters(), lr=args.head_lr * args.batch_size / 256,
+                           weight_decay=args.weight_decay)
+
+
+@torch.no_grad()
+def centroid_heads(features, assignments, ks, feature_dim, world, device, temperature=0.1):
+    """--head-init centroids: row c of head j is cluster c's mean encoder feature, normalised and
+    divided by temperature x the mean feature norm, so that a typical feature scores the clusters
+    by cosine / 0.1 (DeepCluster-v2 copies its centroids into its prototype layer the same way,
+    with this temperature). features [N, F] on rank 0, None elsewhere; the heads are broadcast.
+    Returns one [K_j, F] float32 CPU tensor per K_j, identical on every rank."""
+    weights = [torch.zeros(k, feature_dim) for k in ks]
+    if features is not None:
+        norm = torch.cat([chunk.float().norm(dim=1) for chunk in features.split(65536)]).mean()
+        weights = [cluster.cluster_means(features, assignments[:, j], k) / (temperature * norm)
+                   for j, k in enumerate(ks)]
+    if world > 1:
+        flat = torch.cat([w.flatten() for w in weights]).to(device)
+        dist.broadcast(flat, src=0)
+        weights = [w.view(k, feature_dim).cpu() for w, k in zip(flat.split([k * feature_dim for k in ks]), ks)]
+    return weights
 
 
 def save_checkpoint(state, out):
@@ -278,6 +335,10 @@ def load_checkpoint(path, config, master):
         fail(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); move it away to start afresh", master)
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
         fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out", master)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} was written by an older train.py (format {ckpt.get('format', 1)}, prototype heads inside "
+             f"LARS), whose optimiser state does not fit this one (format {CHECKPOINT_FORMAT}); use another --out",
+             master)
     saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
     differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL if saved[k] != config[k]]
     if differs:
@@ -329,6 +390,8 @@ def main(argv=None):
     if world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
+    if args.pca_dim is None:
+        args.pca_dim = min(256, model.feature_dim // 2)    # whitening at full rank would make noise signal
     step_module = TrainStep(model, args)
     if world > 1:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
@@ -337,7 +400,9 @@ def main(argv=None):
             step_module, device_ids=[device.index] if cuda else None,
             find_unused_parameters=(uses_prototypes and args.proto_start_epoch > 0) or not args.w_con)
     base_lr = args.lr * args.batch_size / 256
-    optimizer = LARS(model.parameters(), lr=base_lr, weight_decay=args.weight_decay)
+    heads = {id(p) for p in model.proto_heads.parameters()}
+    optimizer = LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr, weight_decay=args.weight_decay)
+    proto_optimizer = head_optimizer(model, args)
     # bf16 where the GPU has it natively (Ampere and later), else fp16 with loss scaling.
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -357,6 +422,8 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path, config, master)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if proto_optimizer is not None:
+            proto_optimizer.load_state_dict(ckpt["proto_optimizer"])
         if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
@@ -382,8 +449,8 @@ def main(argv=None):
             fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
                  f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
 
-    augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset]) if in_memory else None
-    pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size))
+    augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset], args.jitter) if in_memory else None
+    pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size, args.jitter))
     sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, rank, seed=args.seed, p_same=args.p_same)
     steps_per_epoch = len(sampler)
     total_steps = args.epochs * steps_per_epoch
@@ -403,8 +470,10 @@ def main(argv=None):
             t0 = time.time()
             if not reuse:
                 model.eval()
-                features = (augmented_features(args, model.encoder, train_set, augment, rank, world, epoch, device)
-                            if args.cluster_aug else eval_features(args, model.encoder, train_set, rank, world, device))
+                features = (augmented_features(args, model.encoder, train_set, augment, rank, world, epoch, device,
+                                               amp_dtype)
+                            if args.cluster_aug else
+                            eval_features(args, model.encoder, train_set, rank, world, device, amp_dtype))
                 model.train()
             stats["feature_seconds"] = time.time() - t0
             assignments, kstats = cluster.distributed_kmeans(   # N x H, one column per K
@@ -418,17 +487,20 @@ def main(argv=None):
         else:
             assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
         if use_prototypes and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
-            # New cluster ids mean nothing to the old heads: start them and their momentum over.
+            # New cluster ids mean nothing to the old heads: start them and their optimiser over.
             # Ground-truth classes keep their ids: that head starts once and then keeps learning.
-            model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch))
-            for p in model.proto_heads.parameters():
-                optimizer.state.pop(p, None)
+            weights = None
+            if args.head_init == "centroids":
+                weights = centroid_heads(features, assignments, ks, model.feature_dim, world, device)
+            model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch), weights)
+            proto_optimizer = head_optimizer(model, args)
         sampler.set_assignments(assignments[:, 0])
         sampler.set_epoch(epoch)
 
         # ---- 2. one epoch of Eq. 5 ------------------------------------------------------------
         model.train()
         sums = torch.zeros(4, device=device)
+        recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
         term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
             + (["proto"] if use_prototypes and args.w_proto else [])
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True, leave=False)
@@ -453,11 +525,14 @@ def main(argv=None):
                 named = ", ".join(f"{n}={v:.4g}" for n, v in zip(["total"] + term_names, values))
                 fail(f"non-finite loss at epoch {epoch} step {i} (global step {step}): {named}; "
                      f"the last good checkpoint is {ckpt_path} (try a lower --lr)", master)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
+            if proto_optimizer is not None and use_prototypes and args.w_proto:
+                scaler.step(proto_optimizer)
             scaler.update()
             sums[:len(values)] += torch.tensor(values, device=device)
+            recent.append(values)
             bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
                                 + f" lr={lr:.3g} img/s={(i + 1) * v1.shape[0] * world / (time.time() - train_start):.0f}")
             bar.update()
@@ -465,6 +540,8 @@ def main(argv=None):
         train_seconds = time.time() - train_start
         means = (sums / steps_per_epoch).tolist()[:1 + len(term_names)]
         stats.update({f"loss_{n}": v for n, v in zip(["total"] + term_names, means)})
+        stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent)
+                      for j, n in enumerate(["total"] + term_names)})
         stats.update(lr=lr,
                      images_per_second=steps_per_epoch * args.batch_size / train_seconds,
                      train_seconds=train_seconds, images_seen=(epoch + 1) * steps_per_epoch * args.batch_size)
@@ -473,8 +550,8 @@ def main(argv=None):
         features, reuse = None, False
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             model.eval()
-            features = eval_features(args, model.encoder, train_set, rank, world, device)
-            test_features = eval_features(args, model.encoder, test_set, rank, world, device)
+            features = eval_features(args, model.encoder, train_set, rank, world, device, amp_dtype)
+            test_features = eval_features(args, model.encoder, test_set, rank, world, device, amp_dtype)
             model.train()
             if master:
                 stats["knn_top1"] = knn_top1(features, targets, test_features, test_set.targets,
@@ -486,7 +563,8 @@ def main(argv=None):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "proto_optimizer": proto_optimizer.state_dict() if proto_optimizer else None,
                              "scaler": scaler.state_dict(), "epoch": epoch + 1, "assignments": assignments,
                              "rng": {"cpu": torch.get_rng_state()}, "config": config}, args.out)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()

@@ -35,6 +35,13 @@ declare -A ROWS=(
   [spcl_no_proto_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0"
   [spcl_k10_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 10"
   [spcl_k50_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 50"
+  # The contrastive term and the heads (see README, "SPCL against SimCLR"). SPCL's default
+  # --contrast is per-side; SimCLR's is joint.
+  [simclr_perside_s0]="--w-metric 0 --w-proto 0 --seed 0 --contrast per-side"
+  [spcl_joint_s0]="--seed 0 --proto-start-epoch $PS --contrast joint"
+  [spcl_masked_s0]="--seed 0 --proto-start-epoch $PS --contrast masked"
+  [spcl_perside_sum_s0]="--seed 0 --proto-start-epoch $PS --w-con 2"
+  [spcl_centroids_s0]="--seed 0 --proto-start-epoch $PS --head-init centroids"
 )
 ORDER=(random simclr_s0 spcl_s0 simclr_s1 spcl_s1 spcl_sce_s0 spcl_gt_s0 supervised_s0
        spcl_metric0.1_s0 spcl_proto0.1_s0 spcl_no_metric_s0 spcl_no_proto_s0 spcl_k10_s0 spcl_k50_s0)
@@ -59,5 +66,5 @@ torch.manual_seed(0); export_encoder(build_encoder('resnet18_narrow', True)[0], 
     ckpt=("$dir/checkpoint.pth")
   fi
   python linear_eval.py --checkpoint "${ckpt[@]}" --data "$DATA" --cached --out "$dir/linear_eval.jsonl"
-  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS, \"proto_start\": $PS}" > "$dir/row.json"
+  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS, \"proto_start\": $PS, \"commit\": \"$(git rev-parse --short HEAD)\"}" > "$dir/row.json"
 done
