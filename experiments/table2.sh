@@ -53,6 +53,7 @@ for row in "${ORDER[@]}"; do
   mkdir -p "$dir"
   echo "== $row"
   start=$(date +%s)
+  commit=$(git rev-parse --short HEAD)
   if [ "$row" = random ]; then
     # The floor: an untrained encoder, evaluated the same way.
     python -c "import torch; from models import build_encoder; from linear_eval import export_encoder; \
@@ -66,5 +67,5 @@ torch.manual_seed(0); export_encoder(build_encoder('resnet18_narrow', True)[0], 
     ckpt=("$dir/checkpoint.pth")
   fi
   python linear_eval.py --checkpoint "${ckpt[@]}" --data "$DATA" --cached --out "$dir/linear_eval.jsonl"
-  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS, \"proto_start\": $PS, \"commit\": \"$(git rev-parse --short HEAD)\"}" > "$dir/row.json"
+  echo "{\"row\": \"$row\", \"wall_seconds\": $(( $(date +%s) - start )), \"epochs\": $EPOCHS, \"proto_start\": $PS, \"commit\": \"$commit\"}" > "$dir/row.json"
 done
