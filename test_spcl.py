@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 import linear_eval
 import train
-from cluster import distributed_kmeans, extract_features, nmi, run_kmeans, run_kmeans_multi
+from cluster import cluster_means, distributed_kmeans, extract_features, nmi, run_kmeans, run_kmeans_multi
 from lars import LARS
 from linear_eval import evaluate, export_encoder, knn_top1, load_encoder, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
@@ -210,6 +210,82 @@ def test_symmetric_ce_reduces_to_ce_and_has_the_hand_computed_value():
     assert value.item() == pytest.approx(hand, abs=1e-9)
 
 
+def _naive_masked_nt_xent(z1, z2, labels, t):
+    # Eq. 1-2 with every view of another image of the same label left out of the denominator.
+    z, lab = torch.cat([z1, z2]), torch.cat([labels, labels])
+    n, B = z.shape[0], z1.shape[0]
+    sim = lambda i, k: torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm())
+    total = 0.0
+    for i in range(n):
+        pos = (i + B) % n
+        kept = [k for k in range(n) if k != i and (k == pos or lab[k] != lab[i])]
+        total = total - torch.log(torch.exp(sim(i, pos) / t) / sum(torch.exp(sim(i, k) / t) for k in kept))
+    return total / n
+
+
+def test_nt_xent_with_labels_matches_naive_loop_and_reduces_to_simclr():
+    g = torch.Generator().manual_seed(3)
+    z1 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    loss = nt_xent(z1, z2, 0.3, labels=labels)
+    ref = _naive_masked_nt_xent(z1, z2, labels, 0.3)
+    assert torch.allclose(loss, ref, atol=1e-9, rtol=0)
+    for a, b in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(ref, (z1, z2))):
+        assert torch.allclose(a, b, atol=1e-9, rtol=0)
+    assert not torch.allclose(loss, nt_xent(z1, z2, 0.3))      # the mask removed something
+    assert torch.allclose(nt_xent(z1, z2, 0.3, labels=torch.arange(6)), nt_xent(z1, z2, 0.3), atol=1e-12)
+
+
+def test_spcl_loss_contrast_modes_match_naive_loops():
+    z1, z2, h1, h2, same, protos, metric_head, proto_heads = _spcl_inputs(P=5)
+    protos[:, 0] = torch.tensor([0, 1, 2, 0, 1, 0, 1, 3, 3, 4])  # repeats within and across sides
+    P, t = 5, 0.4
+    expected = {"joint": _naive_nt_xent(z1, z2, t),
+                "per-side": (_naive_nt_xent(z1[:P], z2[:P], t) + _naive_nt_xent(z1[P:], z2[P:], t)) / 2,
+                "masked": _naive_masked_nt_xent(z1, z2, protos[:, 0], t)}
+    for mode, value in expected.items():
+        total, terms = spcl_loss(z1, z2, h1, h2, same, protos, metric_head, proto_heads, w_metric=0, w_proto=0,
+                                 temperature=t, contrast=mode)
+        assert torch.allclose(total, value, atol=1e-5), mode
+    assert len({round(float(v), 6) for v in expected.values()}) == 3      # three different losses
+
+
+def _ddp_contrast_worker(rank, world_size, x1, x2, labels, state, mode, out_dir):
+    model = nn.Linear(x1.shape[1], 3).double()
+    model.load_state_dict(state)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    P = x1.shape[0] // (2 * world_size)
+    # This rank's batch: its P anchors, then their P partners (global layout: all anchors first).
+    mine = torch.cat([torch.arange(rank * P, (rank + 1) * P), world_size * P + torch.arange(rank * P, (rank + 1) * P)])
+    z1, z2 = ddp(x1[mine]), ddp(x2[mine])
+    loss, _ = spcl_loss(z1, z2, z1, z2, torch.zeros(P), labels[mine], None, [], w_metric=0, w_proto=0,
+                        temperature=0.3, contrast=mode)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
+               os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("mode", ["per-side", "masked"])
+def test_contrast_modes_world_size_2_equal_world_size_1(tmp_path, mode):
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(16, 5, generator=g, dtype=torch.float64)        # 8 anchors, then 8 partners
+    x2 = x1 + 0.3 * torch.randn(16, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    model = nn.Linear(5, 3).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    z1, z2 = model(x1), model(x2)
+    loss, _ = spcl_loss(z1, z2, z1, z2, torch.zeros(8), labels, None, [], w_metric=0, w_proto=0,
+                        temperature=0.3, contrast=mode)
+    loss.backward()
+    _spawn(_ddp_contrast_worker, 2, tmp_path, x1, x2, labels, state, mode, str(tmp_path))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{mode}_rank{rank}.pt", weights_only=True)
+        assert torch.allclose(result["loss"], loss.detach(), atol=1e-9, rtol=0)
+        for got, p in zip(result["grads"], model.parameters()):
+            assert torch.allclose(got, p.grad, atol=1e-9, rtol=0)
+
+
 def _spcl_inputs(P=4, F=6, D=3, heads=(5, 3)):
     g = torch.Generator().manual_seed(4)
     z1, z2 = torch.randn(2 * P, D, generator=g), torch.randn(2 * P, D, generator=g)
@@ -325,6 +401,32 @@ def test_lars_zero_weight_norm_gives_trust_one():
     assert torch.allclose(layer.weight, torch.full((2, 2), -0.5))
 
 
+def test_a_fresh_prototype_head_learns_within_one_epoch_on_its_own_sgd():
+    # K = 512 separable clusters of features whose norm (~11) is that of the CPU encoder's; 97
+    # steps = one CIFAR-10 epoch at batch 512, 1024 views a step. The head starts at N(0, 0.01).
+    g = torch.Generator().manual_seed(0)
+    K, F_, N = 512, 128, 4096
+    y = torch.randint(0, K, (N,), generator=g)
+    x = torch.randn(K, F_, generator=g)[y] + 0.5 * torch.randn(N, F_, generator=g)
+    args = train.get_args(["--batch-size", "512"])
+    losses = {}
+    for name in ("own sgd", "inside lars"):
+        model = SPCLModel("resnet18_narrow", True, num_prototypes=[K])
+        model.proto_heads[0] = nn.Linear(F_, K)
+        model.reset_proto_heads(torch.Generator().manual_seed(1))
+        head = model.proto_heads[0]
+        opt = train.head_optimizer(model, args) if name == "own sgd" else LARS(head.parameters(), lr=2.0)
+        for _ in range(97):
+            idx = torch.randint(0, N, (1024,), generator=g)
+            loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            losses[name] = nn.functional.cross_entropy(head(x), y).item()
+    assert losses["own sgd"] < 0.5 and losses["inside lars"] > 3.0, losses      # ln 512 = 6.24
+
+
 def test_lars_rejects_negative_hyper_parameters():
     with pytest.raises(ValueError, match="lr"):
         LARS(nn.Linear(2, 2).parameters(), lr=-1)
@@ -429,6 +531,42 @@ def test_kmeans_whitening_and_inputs():
     from_array = run_kmeans(half.float().numpy(), 3, pca_dim=8, gpu=False)
     np.testing.assert_array_equal(from_half[0], from_array[0])
     assert from_half[2]["pca_dim"] == 8
+
+
+def test_kmeans_without_pca_leaves_the_callers_array_alone():
+    x, _ = _blobs(200, 3, 8, seed=5)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    before = x.copy()
+    run_kmeans(x, 3, pca_dim=0, gpu=False)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_cluster_means_match_a_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(50, 6, generator=g).half()
+    assignments = torch.randint(0, 4, (50,), generator=g)
+    assignments[assignments == 2] = 1                   # cluster 2 left empty
+    got = cluster_means(features, assignments, 5, chunk=7)
+    for c in range(5):
+        members = [features[n].float() for n in range(50) if assignments[n] == c]
+        if not members:
+            assert torch.equal(got[c], torch.zeros(6))
+            continue
+        mean = sum(members) / len(members)
+        assert torch.allclose(got[c], mean / mean.norm(), atol=1e-6)
+
+
+def test_centroid_heads_are_scaled_normalised_cluster_means():
+    g = torch.Generator().manual_seed(1)
+    features = torch.rand(40, 5, generator=g)
+    assignments = torch.stack([torch.arange(40) % 3, torch.arange(40) % 4], 1)
+    heads = train.centroid_heads(features, assignments, [3, 4], 5, world=1, device="cpu")
+    norm = features.norm(dim=1).mean()
+    for j, k in enumerate([3, 4]):
+        assert heads[j].shape == (k, 5)
+        for c in range(k):
+            mean = features[assignments[:, j] == c].mean(0)
+            assert torch.allclose(heads[j][c], mean / mean.norm() / (0.1 * norm), atol=1e-5)
 
 
 def test_kmeans_several_k_share_the_preprocessing():
@@ -995,6 +1133,11 @@ def test_sce_and_several_k_run(small_cifar, tmp_path):
     (["--w-con", "0", "--proto-start-epoch", "1"], "nothing to train before --proto-start-epoch 1"),
     (["--kmeans-iters", "0"], "--kmeans-iters must be >= 1"),
     (["--knn-every", "-1"], "--knn-every must be >= 0, got -1"),
+    (["--head-lr", "0"], "--head-lr must be > 0"),
+    (["--jitter", "-1"], "--jitter must be >= 0"),
+    (["--pca-dim", "-1"], "--pca-dim must be >= 0"),
+    (["--head-init", "centroids", "--prototypes", "gt"], "--head-init centroids needs k-means prototypes"),
+    (["--head-init", "centroids", "--w-proto", "0"], "--head-init centroids needs k-means prototypes"),
 ])
 def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
