@@ -340,7 +340,7 @@ def main(argv=None):
         train_set = data.load_dataset(dataset, args.data, train=True, workers=args.workers)
         test_set = data.load_dataset(dataset, args.data, train=False, workers=args.workers)
         train_set, test_set = data.subset(train_set, args.subset, 1234), data.subset(test_set, args.test_subset, 4321)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:     # data.DataNotFound says what --data should hold
         fail(str(e), master)
     in_memory = isinstance(train_set, data.InMemoryImages)
     image_size = train_set.images.shape[1] if in_memory else info["image_size"] or (32 if info["cifar_stem"] else 224)

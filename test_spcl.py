@@ -7,7 +7,9 @@ Tests that need the real CIFAR-10 images in ../shared/data/cifar10 skip without 
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
@@ -979,8 +982,11 @@ def test_sce_and_several_k_run(small_cifar, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "/nonexistent"], "is not a directory"),
-    (["--data", HERE], "neither torchvision's"),
+    (["--data", "/nonexistent"], r"'/nonexistent' is not a directory; give the folder that holds ImageFolder trees "
+                                 r"train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\), "
+                                 "or add --download to fetch cifar10 there$"),
+    (["--data", HERE], "does not hold cifar10: expected ImageFolder trees train/<class>/"),
+    (["--dataset", "imagenet", "--download"], "--download fetches CIFAR only"),
     (["--batch-size", "63"], "multiple of 2 x world size"),
     (["--num-prototypes", "320"], "2 <= K < N"),
     (["--arch", "resnet7"], "unknown --arch"),
@@ -1051,6 +1057,63 @@ def test_checkpoint_of_another_configuration_is_refused(small_cifar, tmp_path):
         f.truncate(100)
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         train.main(_train_args(small_cifar, tmp_path))
+
+
+def _jpeg_tree(root, classes, per_class, splits=("train", "test"), seed=0):
+    """An ImageFolder tree of random 32 x 32 JPEGs, root/<split>/c<k>/<i>.jpg; returns root."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for k in range(classes):
+            os.makedirs(root / split / f"c{k}")
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{k}" / f"{i}.jpg")
+    return str(root)
+
+
+def test_download_without_network_creates_data_and_says_where_to_put_it(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):                 # what an offline machine answers
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    root = tmp_path / "data"                      # does not exist yet: --download creates it
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "cifar10", "--data", str(root), "--download", "--out", str(tmp_path / "run")])
+    assert root.is_dir()
+    assert re.fullmatch(
+        rf"train.py: error: could not download cifar10 into {re.escape(str(root))} \(URLError: [^\n]*Name or service "
+        r"not known[^\n]*\); without network, put it there yourself as ImageFolder trees train/<class>/\*.jpg and "
+        r"test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\)", stop.value.code), stop.value.code
+
+
+def test_linear_eval_data_hint_has_no_download_flag(tmp_path):
+    _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit) as stop:
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path / "dta"), "--knn"])
+    assert re.fullmatch(r"linear_eval.py: error: --data '.*dta' is not a directory; give the folder that holds "
+                        r"ImageFolder trees train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's "
+                        r"cifar-10-batches-py/\)", stop.value.code), stop.value.code
+
+
+def test_a_truncated_jpeg_is_named(tmp_path):
+    root = _jpeg_tree(tmp_path / "data", classes=2, per_class=4)
+    bad = os.path.join(root, "train", "c1", "2.jpg")
+    with open(bad, "rb") as f:
+        blob = f.read()
+    with open(bad, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    # In-memory CIFAR: decoded in train.py's process, one line.
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--workers", "1"])
+    assert re.fullmatch(rf"train.py: error: cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*",
+                        stop.value.code, re.IGNORECASE), stop.value.code
+    # On disk: read in a DataLoader worker, which wraps the error in its traceback; sentence() is the line.
+    folder = data.load_dataset("folder", root, train=True)
+    loader = DataLoader(data.Transformed(folder, data.eval_transform(32)), batch_size=8, num_workers=1)
+    with pytest.raises(data.DataError) as caught:
+        list(loader)
+    assert "Traceback" in str(caught.value)
+    assert re.fullmatch(rf"cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*", caught.value.sentence(),
+                        re.IGNORECASE)
 
 
 def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():

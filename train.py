@@ -47,7 +47,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data if missing")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data (created) if missing")
     p.add_argument("--out", default="runs/spcl", help="folder for checkpoint.pth and metrics.jsonl")
     p.add_argument("--arch", help=f"encoder: {', '.join(ARCHS)} (default: per dataset)")
     p.add_argument("--epochs", type=int)
@@ -120,6 +120,8 @@ def check_args(args, world):
           for name in ("proto_start_epoch", "knn_every", "pca_dim", "train_subset", "stop_after", "workers")],
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
         (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
+        (args.download and args.dataset not in data.SMALL,
+         f"--download fetches CIFAR only; put --dataset {args.dataset} in --data yourself"),
     ]
     return next((message for bad, message in problems if bad), None)
 
@@ -302,6 +304,9 @@ def main(argv=None):
         train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
                                       workers=args.workers)
         test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
+    except data.DataNotFound as e:
+        hint = f", or add --download to fetch {args.dataset} there" if args.dataset in data.SMALL and not args.download else ""
+        fail(f"{e}{hint}", master)
     except (ValueError, RuntimeError, OSError) as e:
         fail(str(e), master)
     if args.download and world > 1 and master:
