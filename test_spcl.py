@@ -4,6 +4,7 @@ Every check compares against an independent computation: a naive loop written fr
 in ../shared/SPEC.md, a hand-computed case, or a second code path (world size 1 against 2).
 Tests that need the real CIFAR-10 images in ../shared/data/cifar10 skip without them.
 """
+import argparse
 import json
 import math
 import os
@@ -786,7 +787,7 @@ def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, m
     # reuses the train features of epoch 0's kNN pass (same weights).
     assert passes == [320, 320, 80, 320, 80]
     rows = _metrics(tmp_path)
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]                    # the epoch just finished, from 1
     for r in rows:
         assert _all_finite(r) and 0 <= r["knn_top1"] <= 100
         assert r["kmeans_k8"]["size_min"] + r["kmeans_k8"]["empty_clusters"] > 0   # clustering ran
@@ -839,10 +840,11 @@ def test_resume_is_exact(small_cifar, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["assignments"], b["assignments"])
     rows_a, rows_b = _metrics(straight), _metrics(split)
-    assert [r["epoch"] for r in rows_b] == [0, 1]
+    assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "nmi_gt"):
             assert ra[key] == rb[key], key
+        assert ra.get("nmi_prev") == rb.get("nmi_prev")
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -908,7 +910,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar,
     assert "resumed from" in output
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 4
-    assert [r["epoch"] for r in _metrics(tmp_path)] == [0, 1, 2, 3]     # the killed epoch logged once
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]     # the killed epoch logged once
 
 
 def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_path):
@@ -1025,6 +1027,10 @@ def test_a_foreign_file_in_out_is_refused_and_kept(small_cifar, tmp_path):
     with pytest.raises(SystemExit, match="not a train.py checkpoint"):
         train.main(_train_args(small_cifar, tmp_path))
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"^train.py: error: cannot read checkpoint .*: it is a pickle holding "
+                                         r"argparse.Namespace objects, [^\n]*; move it away to start afresh$"):
+        train.main(_train_args(small_cifar, tmp_path))
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path, monkeypatch):
@@ -1041,7 +1047,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cif
         return total, terms
 
     monkeypatch.setattr(train, "spcl_loss", diverging)
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 1 step 2 .*metric=nan"):
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2 step 3/5: .*metric=nan"):
         train.main(_train_args(small_cifar, tmp_path))
     after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert after["epoch"] == 1
@@ -1114,6 +1120,103 @@ def test_a_truncated_jpeg_is_named(tmp_path):
     assert "Traceback" in str(caught.value)
     assert re.fullmatch(rf"cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*", caught.value.sentence(),
                         re.IGNORECASE)
+
+
+def test_an_unwritable_out_stops_before_any_data_is_loaded(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where --out wants a folder")
+    out = tmp_path / "file" / "run"
+    loads = []
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: loads.append(args))
+    with pytest.raises(SystemExit, match=rf"^train.py: error: --out '{re.escape(str(out))}' cannot be written "
+                                         r"\(NotADirectoryError: Not a directory\); give a folder you can write to$"):
+        train.main(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(out)])
+    _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"^linear_eval.py: error: --out .* cannot be written \(NotADirectoryError"):
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path), "--cached",
+                          "--out", str(out / "linear_eval.jsonl")])
+    assert loads == []
+
+
+def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(small_cifar, tmp_path, monkeypatch,
+                                                                            capsys):
+    args = _train_args(small_cifar, tmp_path, "--train-subset", "128", "--warmup-epochs", "0")
+    train.main(args + ["--stop-after", "1"])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "loss_total": 7.4')      # a crash while epoch 2 was appended
+    capsys.readouterr()
+    train.main(args)
+    assert "metrics.jsonl: dropped its half-written last line '{\"epoch\": 2, \"loss_total\": 7.4'" in capsys.readouterr().out
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "metrics.jsonl"]          # no temporary left
+
+    # Finished: said before any data is loaded. --knn-every does not re-plan the schedule.
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    loads = []
+    real_load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    train.main(args + ["--knn-every", "1"])
+    assert capsys.readouterr().out.startswith(f"{tmp_path} is finished: {tmp_path / 'checkpoint.pth'} holds epoch 2 "
+                                              "of 2, nothing to do")
+    with pytest.raises(SystemExit, match=r"checkpoint.pth was trained on another learning-rate schedule "
+                                         r"\(--epochs 2 -> 3\); .* add --allow-schedule-change"):
+        train.main(args + ["--epochs", "3"])
+    assert loads == [] and (tmp_path / "checkpoint.pth").read_bytes() == saved
+    train.main(args + ["--epochs", "3", "--allow-schedule-change"])
+    # 2 steps per epoch, lr 1.0 x 64 / 256, no warm-up: the cosine over 4 steps ended at step 3; the
+    # one over 6 steps goes on from step 4.
+    old, new = 0.25 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), 0.25 * 0.5 * (1 + math.cos(math.pi * 4 / 6))
+    assert (f"warning: the learning-rate schedule is re-planned (--epochs 2 -> 3): the lr goes from {old:.4g} at "
+            f"the checkpoint's last step to {new:.4g} now") in capsys.readouterr().out
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3]
+
+    # A damaged line before the last is not guessed at: it is named, and the file is kept.
+    damaged = "garbage\n" + "".join((tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)[1:])
+    (tmp_path / "metrics.jsonl").write_text(damaged)
+    with pytest.raises(SystemExit, match=r"metrics.jsonl line 1 is not a JSON line of train.py; repair or delete"):
+        train.main(args + ["--epochs", "4", "--allow-schedule-change"])
+    assert (tmp_path / "metrics.jsonl").read_text() == damaged
+
+
+def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(small_cifar, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(small_cifar, tmp_path, "--epochs", "50",
+                                                                       "--train-subset", "128")],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert os.path.exists(tmp_path / "checkpoint.pth"), "no checkpoint after the first epoch"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert re.fullmatch(rf"train.py: interrupted in epoch {saved + 1}/50 (at step [12]/2|before its first step); the "
+                        rf"last checkpoint is {re.escape(str(tmp_path / 'checkpoint.pth'))} \(after epoch {saved}\); "
+                        "run the same command to resume", last), last
+
+
+def test_one_class_metrics_have_no_nan_and_nmi_prev_compares_clusterings_only(tmp_path):
+    root = _jpeg_tree(tmp_path / "data", classes=1, per_class=64, splits=("train",))
+    args = ["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--arch", "resnet18_narrow",
+            "--epochs", "3", "--batch-size", "32", "--num-prototypes", "4", "--warmup-epochs", "1",
+            "--proto-start-epoch", "1", "--workers", "1"]
+    train.main(args + ["--stop-after", "1"])            # epoch 1 SimCLR; the prototypes start after resuming
+    train.main(args)
+
+    def no_constants(name):
+        raise ValueError(f"{name} in metrics.jsonl")
+
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line, parse_constant=no_constants) for line in f]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["images_seen"] for r in rows] == [64, 128, 192]        # epoch x the images of an epoch
+    assert all(r["sim_tn"] is None and -1 <= r["sim_fn"] <= 1 for r in rows)     # no pair of two classes
+    assert "nmi_gt" not in rows[0] and "nmi_gt" in rows[1]
+    assert "nmi_prev" not in rows[1] and 0 <= rows[2]["nmi_prev"] <= 1   # no k-means before epoch 2
 
 
 def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():
@@ -1288,16 +1391,27 @@ def test_plain_state_dict_with_fc_loads(tmp_path):
 
 
 def test_bad_checkpoints_get_clear_messages(tmp_path):
+    expected = r"; expected train.py's checkpoint.pth or a state dict of tensors \(torch.save\(encoder.state_dict\(\)\)\)$"
     with pytest.raises(ValueError, match="does not exist"):
         load_encoder(str(tmp_path / "nothing.pth"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"'.*empty' is a folder, not a file" + expected):
+        load_encoder(str(tmp_path / "empty"))
     _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match=rf"is a folder, not a file; did you mean {re.escape(str(tmp_path))}/checkpoint.pth\?$"):
+        load_encoder(str(tmp_path))
     blob = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(ValueError, match="cannot read checkpoint .*truncated"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pth: it is a torch.save file cut short or damaged \(an interrupted copy or download\?\)" + expected):
         load_encoder(str(tmp_path / "truncated.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*text.pth: it is not a torch.save file" + expected):
         load_encoder(str(tmp_path / "text.pth"))
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.pth")
+    with pytest.raises(ValueError) as caught:
+        load_encoder(str(tmp_path / "namespace.pth"))
+    assert re.search(r"namespace.pth: it is a pickle holding argparse.Namespace objects, .*" + expected, str(caught.value))
+    assert "weights_only=False" not in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="resnet18_narrow encoder .* but --arch resnet50"):
         load_encoder(str(tmp_path / "checkpoint.pth"), arch="resnet50")
     with pytest.raises(ValueError, match="pre-trained on cifar10, but --dataset cifar100"):
@@ -1310,7 +1424,7 @@ def test_bad_checkpoints_get_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="does not fit a resnet50 .*another shape"):
         load_encoder(str(tmp_path / "tv.pth"), arch="resnet50")
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="holds a list, neither"):
         load_encoder(str(tmp_path / "list.pth"))
     with pytest.raises(SystemExit, match="linear_eval.py: error: .*does not exist"):
         linear_eval.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--knn"])

@@ -25,7 +25,7 @@ def main():
         with open(os.path.join(run, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         name = os.path.basename(os.path.normpath(run))
-        epochs = [r["epoch"] + 1 for r in rows]
+        epochs = [r["epoch"] for r in rows]
         knn = [(e, r["knn_top1"]) for e, r in zip(epochs, rows) if "knn_top1" in r]
         line, = ax_knn.plot(*zip(*knn), marker="o", label=name) if knn else ax_knn.plot([], [])
         ax_sim.plot(epochs, [r["sim_tp"] for r in rows], marker="o", color=line.get_color(), label=f"{name} TP")
