@@ -5,10 +5,12 @@ in ../shared/SPEC.md, a hand-computed case, or a second code path (world size 1 
 Tests that need the real CIFAR-10 images in ../shared/data/cifar10 skip without them.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
 import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -1500,6 +1502,51 @@ def test_augmented_probe_under_torchrun_with_two_processes(small_cifar, encoders
         (result,) = [json.loads(line) for line in f]          # one line: rank 0 alone writes
     assert result["world_size"] == 2 and result["mode"] == "augmented" and result["encoder_unchanged"]
     assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/: the report and the plot
+# ---------------------------------------------------------------------------------------------
+
+def _write_lines(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    epoch = {"epoch": 1, "knn_top1": 40.0, "sim_tp": 0.6, "sim_fn": 0.2, "images_seen": 512, "epoch_seconds": 60.0}
+    cached, augmented = {"mode": "cached", "top1": 45.0}, {"mode": "augmented", "top1": 41.0}
+    _write_lines(tmp_path / "a" / "metrics.jsonl", [epoch])
+    _write_lines(tmp_path / "a" / "linear_eval.jsonl", [cached, augmented, {"mode": "knn", "knn_top1": 39.0}])
+    _write_lines(tmp_path / "b" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 31.5}, {"mode": "cached", "top1": 30.0}])
+    _write_lines(tmp_path / "c" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 20.0}])
+    os.makedirs(tmp_path / "d")
+    _write_lines(tmp_path / "e" / "linear_eval.jsonl", [cached])
+    with open(tmp_path / "e" / "linear_eval.jsonl", "a") as f:
+        f.write('{"mode": "cac')
+    report.main(str(tmp_path))
+    out, err = capsys.readouterr()
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out.splitlines() if line.startswith("| ")}
+    assert table == {"row": ["kNN top-1", "linear top-1"], "a": ["40.00", "45.00"], "b": ["31.50", "30.00"]}
+    assert err.splitlines() == [
+        "report.py: skipped c: no linear_eval.py --cached result in its linear_eval.jsonl (only knn)",
+        "report.py: skipped d: no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)",
+        f"report.py: skipped e: {tmp_path / 'e' / 'linear_eval.jsonl'} line 2 is not JSON"]
+    report.main(str(tmp_path / "a"))                       # one run folder
+    assert "| a | 40.00 | 45.00 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished run in .*d: a row is a folder with"):
+        report.main(str(tmp_path / "d"))
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves out: "
+                                         "pip install matplotlib$"):
+        runpy.run_path(os.path.join(HERE, "experiments", "plot.py"), run_name="__main__")
 
 
 # ---------------------------------------------------------------------------------------------
