@@ -1,8 +1,8 @@
 """Evaluation of a pre-trained encoder (SPEC.md, "Linear evaluation"): the linear probe, the
 weighted kNN monitor, and export to a plain torchvision state dict.
 
-    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ../shared/data/cifar10 --cached
-    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ../shared/data/cifar10 --knn
+    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --cached --out runs/spcl
+    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --knn --out runs/spcl
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --export resnet18_spcl.pth
     torchrun --nproc_per_node 8 linear_eval.py --checkpoint runs/in1k/checkpoint.pth --data /path/to/imagenet
 

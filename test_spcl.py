@@ -11,6 +11,8 @@ import math
 import os
 import re
 import runpy
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -1547,6 +1549,106 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves out: "
                                          "pip install matplotlib$"):
         runpy.run_path(os.path.join(HERE, "experiments", "plot.py"), run_name="__main__")
+
+
+# ---------------------------------------------------------------------------------------------
+# The README, end to end
+# ---------------------------------------------------------------------------------------------
+
+# Tiny settings for the README's commands: one epoch of SPCL on 256 images, with the kNN monitor.
+README_SCALE = {"train.py": {"--epochs": "1", "--proto-start-epoch": "0", "--knn-every": "1", "--batch-size": "64",
+                             "--train-subset": "256", "--num-prototypes": "8", "--warmup-epochs": "1",
+                             "--image-size": "32", "--workers": "1"},
+                "linear_eval.py": {"--epochs": "1", "--batch-size": "64", "--workers": "0"}}
+
+
+def _readme_steps():
+    """The commands of the README's 'Train' and 'Evaluate and export', in order: ("sh", argv) for
+    each `python ...` line of a bash block, ("py", code) for a python block. Left out: pip, torchrun,
+    and the lines that need what a test has not (a network: --download; data at /path/to/...)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    steps = []
+    for section in ("## Train\n", "## Evaluate and export\n"):
+        body = text.split(section, 1)[1].split("\n## ", 1)[0]
+        for language, block in re.findall(r"```(bash|python)\n(.*?)```", body, re.S):
+            if language == "python":
+                steps.append(("py", block))
+                continue
+            for line in block.replace("\\\n", " ").splitlines():
+                argv = shlex.split(line, comments=True)
+                if argv[:1] == ["python"] and "--download" not in argv and "/path/to/" not in line:
+                    steps.append(("sh", argv))
+    return steps
+
+
+def _scaled(argv):
+    argv = list(argv)
+    if "--export" in argv:
+        return argv
+    for flag, value in README_SCALE.get(argv[1], {}).items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+# Runs the README's steps in one fresh interpreter, each as its own `__main__` with its own argv,
+# in the copy of the repository: torch is imported once instead of once per command.
+_README_RUNNER = """
+import contextlib, io, json, runpy, sys, traceback
+reports = []
+for kind, step in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if kind == "sh":
+                sys.argv = step[1:]
+                runpy.run_path(step[1], run_name="__main__")
+            else:
+                exec(compile(step, "README.md", "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    reports.append({"step": step, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(reports))
+"""
+
+
+def test_readme_walkthrough_end_to_end(small_cifar, tmp_path):
+    """End to end: the README's commands, scaled down, in order on a fresh copy of the repository
+    whose ./data is CIFAR-10 as a user has it (an ImageFolder tree of real JPEGs, few of them).
+    Every train.py command is run twice: the second time it must say the run is finished."""
+    clone = tmp_path / "clone"
+    shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(".git", "runs", "data", "results", "__pycache__",
+                                                               ".pytest_cache", "*.pth"))
+    os.symlink(small_cifar, clone / "data")
+    steps = []
+    for kind, step in _readme_steps():
+        repeats = 2 if kind == "sh" and step[1] == "train.py" else 1
+        steps += [(kind, _scaled(step) if kind == "sh" else step)] * repeats
+    assert [step[1] for kind, step in steps if kind == "sh"] == [
+        "train.py", "train.py", "linear_eval.py", "linear_eval.py", "linear_eval.py", "experiments/report.py",
+        "linear_eval.py"]
+    done = subprocess.run([sys.executable, "-c", _README_RUNNER, json.dumps(steps)], cwd=clone, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.splitlines()[-1])
+    for report in reports:
+        assert report["code"] in (0, None) and "Traceback" not in report["stderr"], report
+    outputs = [report["stdout"] for report in reports]
+    assert "runs/cpu_spcl is finished: runs/cpu_spcl/checkpoint.pth holds epoch 1 of 1, nothing to do" in outputs[1]
+    with open(clone / "runs" / "cpu_spcl" / "linear_eval.jsonl") as f:
+        results = [json.loads(line) for line in f]
+    assert [r["mode"] for r in results] == ["cached", "augmented", "knn"]
+    assert all(r["checkpoint_epoch"] == 1 and r["train_images"] == 320 for r in results)
+    row = re.search(r"^\| cpu_spcl \| (\S+) \| (\S+) \|", outputs[5], re.M)
+    assert row and float(row[2]) == pytest.approx(results[0]["top1"], abs=0.005)     # the --cached result
+    assert float(row[1]) == pytest.approx(_metrics(clone / "runs" / "cpu_spcl")[-1]["knn_top1"], abs=0.005)
+    assert outputs[-1].strip() == "torch.Size([2, 128])"                            # the export, loaded
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """SPCL pre-training (SPEC.md): one process on a laptop, or DDP under torchrun.
 
-    python train.py --dataset cifar10 --data ../shared/data/cifar10 --arch resnet18_narrow --epochs 20
+    python train.py --dataset cifar10 --data ./data --arch resnet18_narrow --epochs 20
     torchrun --nproc_per_node 8 train.py --dataset imagenet --data /path/to/imagenet
 
 Each epoch: cluster the training set (rank 0 runs faiss k-means on every image's features and
