@@ -366,16 +366,14 @@ def main(argv=None):
     why = check_writable(args.out)
     if why:
         fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
-    progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0,
-                    checkpoint=os.path.join(args.out, "checkpoint.pth"))
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "metrics.jsonl")
+    progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0, checkpoint=ckpt_path)
 
     # ---- resume: the checkpoint is read before the data, so a finished or refused run costs nothing
     ks = prototype_counts(args.num_prototypes)
     config = dict(vars(args), num_prototypes=ks, w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
     if args.prototypes == "gt":
         del config["num_prototypes"]          # one per class: known once the data is loaded
-    ckpt_path = progress["checkpoint"]
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt = load_checkpoint(ckpt_path, config, master) if os.path.exists(ckpt_path) else None
     start_epoch = ckpt["epoch"] if ckpt else 0
     progress["saved_epoch"] = start_epoch
