@@ -88,13 +88,34 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(image), target, i
 
 
+class DataError(ValueError):
+    """A file of the dataset that cannot be read; the message names it."""
+
+    def sentence(self):
+        """The message. A DataLoader worker's error reaches the main process as the same type with
+        the worker's traceback around the message, whose last line holds the original."""
+        return str(self).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+
+
+class DataNotFound(ValueError):
+    """--data does not hold the dataset; the message says what it should hold."""
+
+
+def read_image(path):
+    """The RGB PIL image at path (torchvision's default loader), or a DataError naming the file."""
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:        # PIL's truncated, corrupt or unknown files
+        raise DataError(f"cannot read image {path}: {e} (a truncated or corrupt file? replace or delete it)") from None
+
+
 def _decode(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(read_image(path))
 
 
 def _folder_to_memory(folder, workers):
-    tree = torchvision.datasets.ImageFolder(folder)
+    tree = torchvision.datasets.ImageFolder(folder, loader=read_image)
     with ThreadPoolExecutor(max(1, workers)) as pool:        # PIL decodes without the GIL
         arrays = list(pool.map(_decode, [path for path, _ in tree.samples], chunksize=256))
     shapes = {a.shape for a in arrays}
@@ -114,34 +135,45 @@ def _split_dir(root, names):
 def load_dataset(name, root, train, download=False, workers=4):
     """The train (or test) split of `name` from `root`.
 
-    cifar10/cifar100: torchvision's pickled format in root (fetched with download=True) or an
-    ImageFolder tree root/train and root/test, detected; decoded into an InMemoryImages.
-    imagenet: root/train and root/val. folder: root/train and root/val or root/test.
+    cifar10/cifar100: torchvision's pickled format in root (fetched with download=True, which
+    creates root) or an ImageFolder tree root/train and root/test, detected; decoded into an
+    InMemoryImages. imagenet: root/train and root/val. folder: root/train and root/val or root/test.
     The two last return a torchvision ImageFolder of PIL images: wrap it in Transformed for a view.
+    Raises DataNotFound when root does not hold the data, DataError for a file that cannot be read.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown --dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if not root or not os.path.isdir(root):
-        hint = " (add --download to fetch it there)" if name in SMALL else ""
-        raise ValueError(f"--data {root!r} is not a directory{hint}")
     eval_names = ("test",) if name in SMALL else ("val", "test") if name == "folder" else ("val",)
+    layout = (f"ImageFolder trees train/<class>/*.jpg and {' or '.join(eval_names)}/<class>/*.jpg"
+              + (" (or torchvision's cifar-10-batches-py/)" if name == "cifar10" else
+                 " (or torchvision's cifar-100-python/)" if name == "cifar100" else ""))
+    if download and name in SMALL:
+        os.makedirs(root, exist_ok=True)
+    if not root or not os.path.isdir(root):
+        raise DataNotFound(f"--data {root!r} is not a directory; give the folder that holds {layout}")
     folder = _split_dir(root, ("train",) if train else eval_names)
     if name in SMALL:
         mean, std = MEAN_STD[name]
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         pickled = os.path.isdir(os.path.join(root, cls.base_folder))
         if pickled or (download and folder is None):
-            ds = cls(root, train=train, download=download)
+            try:
+                ds = cls(root, train=train, download=download)
+            except (OSError, RuntimeError) as e:     # urllib's URLError is an OSError
+                if download:
+                    raise DataNotFound(f"could not download {name} into {root} ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}); without network, put it "
+                                       f"there yourself as {layout}") from None
+                raise DataNotFound(f"{os.path.join(root, cls.base_folder)} is incomplete or corrupt "
+                                   f"({str(e).splitlines()[0]})") from None
             return InMemoryImages(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), ds.classes, mean, std)
         if folder is None:
-            raise ValueError(f"--data {root!r} holds neither torchvision's {cls.base_folder}/ nor an "
-                             f"ImageFolder tree with train/ and test/; add --download to fetch {name} there")
+            raise DataNotFound(f"--data {root!r} does not hold {name}: expected {layout}")
         images, targets, classes = _folder_to_memory(folder, workers)
         return InMemoryImages(images, targets, classes, mean, std)
     if folder is None:
-        raise ValueError(f"--data {root!r} must hold ImageFolder trees {'train/' if train else ' or '.join(eval_names)}/ "
-                         f"(one sub-folder of images per class) for --dataset {name}")
-    return torchvision.datasets.ImageFolder(folder)
+        raise DataNotFound(f"--data {root!r} does not hold --dataset {name}: expected {layout}")
+    return torchvision.datasets.ImageFolder(folder, loader=read_image)
 
 
 def simclr_transform(size=224, strength=1.0, blur=True, mean_std=MEAN_STD["imagenet"]):

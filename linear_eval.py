@@ -1,8 +1,8 @@
 """Evaluation of a pre-trained encoder (SPEC.md, "Linear evaluation"): the linear probe, the
 weighted kNN monitor, and export to a plain torchvision state dict.
 
-    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ../shared/data/cifar10 --cached
-    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ../shared/data/cifar10 --knn
+    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --cached --out runs/spcl
+    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --knn --out runs/spcl
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --export resnet18_spcl.pth
     torchrun --nproc_per_node 8 linear_eval.py --checkpoint runs/in1k/checkpoint.pth --data /path/to/imagenet
 
@@ -22,8 +22,10 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -98,6 +100,37 @@ def _describe(keys, limit=3):
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+EXPECTED = "expected train.py's checkpoint.pth or a state dict of tensors (torch.save(encoder.state_dict()))"
+
+
+def read_checkpoint(path):
+    """torch.load(path) on the CPU with weights_only=True, or a ValueError of one sentence that
+    says what the file is and what was expected."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pth")
+        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else f"; {EXPECTED}"
+        raise ValueError(f"checkpoint {path!r} is a folder, not a file{hint}")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+    foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"         # torch.save writes a zip archive
+    if foreign:
+        what = (f"a pickle holding {foreign.group(1)} objects, which torch.load(weights_only=True) refuses to run "
+                "(a whole pickled model or argparse Namespace?)")
+    elif zipped and not zipfile.is_zipfile(path):
+        what = "a torch.save file cut short or damaged (an interrupted copy or download?)"
+    elif not zipped:
+        what = "not a torch.save file"
+    else:
+        what = f"a torch.save file that cannot be loaded ({text.strip().splitlines()[0] if text.strip() else 'no reason given'})"
+    raise ValueError(f"cannot read checkpoint {path}: it is {what}; {EXPECTED}")
+
+
 def load_encoder(checkpoint_path, arch=None, dataset=None):
     """The frozen-to-be encoder of a checkpoint, as build_encoder's model (fc = Identity).
 
@@ -111,13 +144,7 @@ def load_encoder(checkpoint_path, arch=None, dataset=None):
     "feature_dim", "epoch"} (dataset, image_size, epoch None for a plain state dict).
     Raises ValueError with a one-line reason for a missing, unreadable or mismatched file.
     """
-    if not os.path.isfile(checkpoint_path):
-        raise ValueError(f"checkpoint {checkpoint_path!r} does not exist")
-    try:
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {checkpoint_path!r}: truncated, corrupt or not a torch.save "
-                         f"file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = read_checkpoint(checkpoint_path)
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
         config = ckpt["config"]
         lacking = [key for key in ("arch", "dataset", "image_size") if key not in config]
@@ -141,7 +168,8 @@ def load_encoder(checkpoint_path, arch=None, dataset=None):
                 "cifar_stem": conv1 is not None and conv1.shape[-1] == 3, "epoch": None}
         state = {key: value for key, value in ckpt.items() if not key.startswith("fc.")}
     else:
-        raise ValueError(f"{checkpoint_path} is neither train.py's checkpoint.pth nor a state dict of tensors")
+        raise ValueError(f"{checkpoint_path} holds a {type(ckpt).__name__}, neither train.py's checkpoint.pth nor "
+                         "a state dict of tensors")
 
     encoder, info["feature_dim"] = build_encoder(info["arch"], info["cifar_stem"])
     expected = encoder.state_dict()
@@ -249,7 +277,7 @@ def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, mom
             count += 1
             step += 1
         mean_loss = loss_sum.item() / max(1, count)
-        bar.set_postfix_str(f"epoch {epoch} loss {mean_loss:.4f}")
+        bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_loss:.4f}")
     bar.close()
     return mean_loss
 
@@ -299,10 +327,32 @@ def fail(message, master=True):
     sys.exit(f"linear_eval.py: error: {message}" if master else 1)
 
 
+def result_path(out):
+    """The JSONL file that --out names: out itself, or linear_eval.jsonl in the folder out."""
+    return os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep) else out
+
+
+def check_writable(path):
+    """None when the JSON line can be appended to path (its folder created if missing), else why not.
+    Creates no file: an empty linear_eval.jsonl would read as a finished row to experiments/table2.sh."""
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):
+            open(path, "a").close()
+        else:
+            probe = os.path.join(folder, f".write_test_{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
 def write_result(result, out):
     print(json.dumps(result))
     if out:
-        path = os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep) else out
+        path = result_path(out)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(result) + "\n")
@@ -321,6 +371,9 @@ def main(argv=None):
         encoder, info = load_encoder(args.checkpoint, args.arch, args.dataset)
     except ValueError as e:
         fail(str(e), master)
+    why = check_writable(result_path(args.out)) if args.out and not args.export and master else None
+    if why:
+        fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can write to", master)
     if args.export:
         if master:
             export_encoder(encoder, args.export)
@@ -340,7 +393,7 @@ def main(argv=None):
         train_set = data.load_dataset(dataset, args.data, train=True, workers=args.workers)
         test_set = data.load_dataset(dataset, args.data, train=False, workers=args.workers)
         train_set, test_set = data.subset(train_set, args.subset, 1234), data.subset(test_set, args.test_subset, 4321)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:     # data.DataNotFound says what --data should hold
         fail(str(e), master)
     in_memory = isinstance(train_set, data.InMemoryImages)
     image_size = train_set.images.shape[1] if in_memory else info["image_size"] or (32 if info["cifar_stem"] else 224)
@@ -417,4 +470,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        for bar in list(tqdm._instances):       # clear the progress bar's half line
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":
+            print("linear_eval.py: interrupted; nothing was written (the result is appended to --out at the end), "
+                  "so run the command again", file=sys.stderr)
+        sys.exit(130)
+    except data.DataError as e:                 # raised in a DataLoader worker: a traceback around it
+        sys.exit(f"linear_eval.py: error: {e.sentence()}")

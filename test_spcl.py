@@ -4,10 +4,17 @@ Every check compares against an independent computation: a naive loop written fr
 in ../shared/SPEC.md, a hand-computed case, or a second code path (world size 1 against 2).
 Tests that need the real CIFAR-10 images in ../shared/data/cifar10 skip without them.
 """
+import argparse
+import importlib.util
 import json
 import math
 import os
+import re
+import runpy
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
@@ -921,7 +929,7 @@ def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, m
     # reuses the train features of epoch 0's kNN pass (same weights).
     assert passes == [320, 320, 80, 320, 80]
     rows = _metrics(tmp_path)
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]                    # the epoch just finished, from 1
     for r in rows:
         assert _all_finite(r) and 0 <= r["knn_top1"] <= 100
         assert r["kmeans_k8"]["size_min"] + r["kmeans_k8"]["empty_clusters"] > 0   # clustering ran
@@ -974,10 +982,11 @@ def test_resume_is_exact(small_cifar, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["assignments"], b["assignments"])
     rows_a, rows_b = _metrics(straight), _metrics(split)
-    assert [r["epoch"] for r in rows_b] == [0, 1]
+    assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "nmi_gt"):
             assert ra[key] == rb[key], key
+        assert ra.get("nmi_prev") == rb.get("nmi_prev")
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -1043,7 +1052,7 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar,
     assert "resumed from" in output
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 4
-    assert [r["epoch"] for r in _metrics(tmp_path)] == [0, 1, 2, 3]     # the killed epoch logged once
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]     # the killed epoch logged once
 
 
 def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_path):
@@ -1117,8 +1126,11 @@ def test_sce_and_several_k_run(small_cifar, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "/nonexistent"], "is not a directory"),
-    (["--data", HERE], "neither torchvision's"),
+    (["--data", "/nonexistent"], r"'/nonexistent' is not a directory; give the folder that holds ImageFolder trees "
+                                 r"train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\), "
+                                 "or add --download to fetch cifar10 there$"),
+    (["--data", HERE], "does not hold cifar10: expected ImageFolder trees train/<class>/"),
+    (["--dataset", "imagenet", "--download"], "--download fetches CIFAR only"),
     (["--batch-size", "63"], "multiple of 2 x world size"),
     (["--num-prototypes", "320"], "2 <= K < N"),
     (["--arch", "resnet7"], "unknown --arch"),
@@ -1144,6 +1156,19 @@ def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, messag
         train.main(_train_args(small_cifar, tmp_path) + extra)
 
 
+def test_a_checkpoint_of_the_older_format_is_refused_and_kept(small_cifar, tmp_path):
+    # Format 1 kept the prototype heads inside LARS: its optimiser state cannot fit this one's.
+    train.main(_train_args(small_cifar, tmp_path, "--stop-after", "1", "--train-subset", "128"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["format"] == train.CHECKPOINT_FORMAT and ckpt["proto_optimizer"] is not None
+    del ckpt["format"]
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    with pytest.raises(SystemExit, match="written by an older train.py"):
+        train.main(_train_args(small_cifar, tmp_path, "--train-subset", "128"))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
 def test_resume_into_fp16_loss_scaling_from_a_run_without_it(small_cifar, tmp_path, monkeypatch):
     # Trained on the CPU (or a bf16 GPU): no scaler state. Resumed where fp16 needs loss scaling
     # (a V100, say), which an enabled CPU GradScaler stands in for here.
@@ -1162,6 +1187,10 @@ def test_a_foreign_file_in_out_is_refused_and_kept(small_cifar, tmp_path):
     with pytest.raises(SystemExit, match="not a train.py checkpoint"):
         train.main(_train_args(small_cifar, tmp_path))
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"^train.py: error: cannot read checkpoint .*: it is a pickle holding "
+                                         r"argparse.Namespace objects, [^\n]*; move it away to start afresh$"):
+        train.main(_train_args(small_cifar, tmp_path))
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path, monkeypatch):
@@ -1178,7 +1207,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cif
         return total, terms
 
     monkeypatch.setattr(train, "spcl_loss", diverging)
-    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 1 step 2 .*metric=nan"):
+    with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2 step 3/5: .*metric=nan"):
         train.main(_train_args(small_cifar, tmp_path))
     after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert after["epoch"] == 1
@@ -1194,6 +1223,160 @@ def test_checkpoint_of_another_configuration_is_refused(small_cifar, tmp_path):
         f.truncate(100)
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         train.main(_train_args(small_cifar, tmp_path))
+
+
+def _jpeg_tree(root, classes, per_class, splits=("train", "test"), seed=0):
+    """An ImageFolder tree of random 32 x 32 JPEGs, root/<split>/c<k>/<i>.jpg; returns root."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for k in range(classes):
+            os.makedirs(root / split / f"c{k}")
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{k}" / f"{i}.jpg")
+    return str(root)
+
+
+def test_download_without_network_creates_data_and_says_where_to_put_it(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):                 # what an offline machine answers
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    root = tmp_path / "data"                      # does not exist yet: --download creates it
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "cifar10", "--data", str(root), "--download", "--out", str(tmp_path / "run")])
+    assert root.is_dir()
+    assert re.fullmatch(
+        rf"train.py: error: could not download cifar10 into {re.escape(str(root))} \(URLError: [^\n]*Name or service "
+        r"not known[^\n]*\); without network, put it there yourself as ImageFolder trees train/<class>/\*.jpg and "
+        r"test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\)", stop.value.code), stop.value.code
+
+
+def test_linear_eval_data_hint_has_no_download_flag(tmp_path):
+    _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit) as stop:
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path / "dta"), "--knn"])
+    assert re.fullmatch(r"linear_eval.py: error: --data '.*dta' is not a directory; give the folder that holds "
+                        r"ImageFolder trees train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's "
+                        r"cifar-10-batches-py/\)", stop.value.code), stop.value.code
+
+
+def test_a_truncated_jpeg_is_named(tmp_path):
+    root = _jpeg_tree(tmp_path / "data", classes=2, per_class=4)
+    bad = os.path.join(root, "train", "c1", "2.jpg")
+    with open(bad, "rb") as f:
+        blob = f.read()
+    with open(bad, "wb") as f:
+        f.write(blob[:len(blob) // 2])
+    # In-memory CIFAR: decoded in train.py's process, one line.
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--workers", "1"])
+    assert re.fullmatch(rf"train.py: error: cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*",
+                        stop.value.code, re.IGNORECASE), stop.value.code
+    # On disk: read in a DataLoader worker, which wraps the error in its traceback; sentence() is the line.
+    folder = data.load_dataset("folder", root, train=True)
+    loader = DataLoader(data.Transformed(folder, data.eval_transform(32)), batch_size=8, num_workers=1)
+    with pytest.raises(data.DataError) as caught:
+        list(loader)
+    assert "Traceback" in str(caught.value)
+    assert re.fullmatch(rf"cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*", caught.value.sentence(),
+                        re.IGNORECASE)
+
+
+def test_an_unwritable_out_stops_before_any_data_is_loaded(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where --out wants a folder")
+    out = tmp_path / "file" / "run"
+    loads = []
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: loads.append(args))
+    with pytest.raises(SystemExit, match=rf"^train.py: error: --out '{re.escape(str(out))}' cannot be written "
+                                         r"\(NotADirectoryError: Not a directory\); give a folder you can write to$"):
+        train.main(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(out)])
+    _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match=r"^linear_eval.py: error: --out .* cannot be written \(NotADirectoryError"):
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path), "--cached",
+                          "--out", str(out / "linear_eval.jsonl")])
+    assert loads == []
+
+
+def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(small_cifar, tmp_path, monkeypatch,
+                                                                            capsys):
+    args = _train_args(small_cifar, tmp_path, "--train-subset", "128", "--warmup-epochs", "0")
+    train.main(args + ["--stop-after", "1"])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "loss_total": 7.4')      # a crash while epoch 2 was appended
+    capsys.readouterr()
+    train.main(args)
+    assert "metrics.jsonl: dropped its half-written last line '{\"epoch\": 2, \"loss_total\": 7.4'" in capsys.readouterr().out
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "metrics.jsonl"]          # no temporary left
+
+    # Finished: said before any data is loaded. --knn-every does not re-plan the schedule.
+    saved = (tmp_path / "checkpoint.pth").read_bytes()
+    loads = []
+    real_load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    train.main(args + ["--knn-every", "1"])
+    assert capsys.readouterr().out.startswith(f"{tmp_path} is finished: {tmp_path / 'checkpoint.pth'} holds epoch 2 "
+                                              "of 2, nothing to do")
+    with pytest.raises(SystemExit, match=r"checkpoint.pth was trained on another learning-rate schedule "
+                                         r"\(--epochs 2 -> 3\); .* add --allow-schedule-change"):
+        train.main(args + ["--epochs", "3"])
+    assert loads == [] and (tmp_path / "checkpoint.pth").read_bytes() == saved
+    train.main(args + ["--epochs", "3", "--allow-schedule-change"])
+    # 2 steps per epoch, lr 1.0 x 64 / 256, no warm-up: the cosine over 4 steps ended at step 3; the
+    # one over 6 steps goes on from step 4.
+    old, new = 0.25 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), 0.25 * 0.5 * (1 + math.cos(math.pi * 4 / 6))
+    assert (f"warning: the learning-rate schedule is re-planned (--epochs 2 -> 3): the lr goes from {old:.4g} at "
+            f"the checkpoint's last step to {new:.4g} now") in capsys.readouterr().out
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3]
+
+    # A damaged line before the last is not guessed at: it is named, and the file is kept.
+    damaged = "garbage\n" + "".join((tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)[1:])
+    (tmp_path / "metrics.jsonl").write_text(damaged)
+    with pytest.raises(SystemExit, match=r"metrics.jsonl line 1 is not a JSON line of train.py; repair or delete"):
+        train.main(args + ["--epochs", "4", "--allow-schedule-change"])
+    assert (tmp_path / "metrics.jsonl").read_text() == damaged
+
+
+def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(small_cifar, tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(small_cifar, tmp_path, "--epochs", "50",
+                                                                       "--train-subset", "128")],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert os.path.exists(tmp_path / "checkpoint.pth"), "no checkpoint after the first epoch"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert re.fullmatch(rf"train.py: interrupted in epoch {saved + 1}/50 (at step [12]/2|before its first step); the "
+                        rf"last checkpoint is {re.escape(str(tmp_path / 'checkpoint.pth'))} \(after epoch {saved}\); "
+                        "run the same command to resume", last), last
+
+
+def test_one_class_metrics_have_no_nan_and_nmi_prev_compares_clusterings_only(tmp_path):
+    root = _jpeg_tree(tmp_path / "data", classes=1, per_class=64, splits=("train",))
+    args = ["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--arch", "resnet18_narrow",
+            "--epochs", "3", "--batch-size", "32", "--num-prototypes", "4", "--warmup-epochs", "1",
+            "--proto-start-epoch", "1", "--workers", "1"]
+    train.main(args + ["--stop-after", "1"])            # epoch 1 SimCLR; the prototypes start after resuming
+    train.main(args)
+
+    def no_constants(name):
+        raise ValueError(f"{name} in metrics.jsonl")
+
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line, parse_constant=no_constants) for line in f]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["images_seen"] for r in rows] == [64, 128, 192]        # epoch x the images of an epoch
+    assert all(r["sim_tn"] is None and -1 <= r["sim_fn"] <= 1 for r in rows)     # no pair of two classes
+    assert "nmi_gt" not in rows[0] and "nmi_gt" in rows[1]
+    assert "nmi_prev" not in rows[1] and 0 <= rows[2]["nmi_prev"] <= 1   # no k-means before epoch 2
 
 
 def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():
@@ -1368,16 +1551,27 @@ def test_plain_state_dict_with_fc_loads(tmp_path):
 
 
 def test_bad_checkpoints_get_clear_messages(tmp_path):
+    expected = r"; expected train.py's checkpoint.pth or a state dict of tensors \(torch.save\(encoder.state_dict\(\)\)\)$"
     with pytest.raises(ValueError, match="does not exist"):
         load_encoder(str(tmp_path / "nothing.pth"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"'.*empty' is a folder, not a file" + expected):
+        load_encoder(str(tmp_path / "empty"))
     _spcl_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match=rf"is a folder, not a file; did you mean {re.escape(str(tmp_path))}/checkpoint.pth\?$"):
+        load_encoder(str(tmp_path))
     blob = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(ValueError, match="cannot read checkpoint .*truncated"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pth: it is a torch.save file cut short or damaged \(an interrupted copy or download\?\)" + expected):
         load_encoder(str(tmp_path / "truncated.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*text.pth: it is not a torch.save file" + expected):
         load_encoder(str(tmp_path / "text.pth"))
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.pth")
+    with pytest.raises(ValueError) as caught:
+        load_encoder(str(tmp_path / "namespace.pth"))
+    assert re.search(r"namespace.pth: it is a pickle holding argparse.Namespace objects, .*" + expected, str(caught.value))
+    assert "weights_only=False" not in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="resnet18_narrow encoder .* but --arch resnet50"):
         load_encoder(str(tmp_path / "checkpoint.pth"), arch="resnet50")
     with pytest.raises(ValueError, match="pre-trained on cifar10, but --dataset cifar100"):
@@ -1390,7 +1584,7 @@ def test_bad_checkpoints_get_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="does not fit a resnet50 .*another shape"):
         load_encoder(str(tmp_path / "tv.pth"), arch="resnet50")
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="holds a list, neither"):
         load_encoder(str(tmp_path / "list.pth"))
     with pytest.raises(SystemExit, match="linear_eval.py: error: .*does not exist"):
         linear_eval.main(["--checkpoint", str(tmp_path / "nothing.pth"), "--knn"])
@@ -1466,6 +1660,151 @@ def test_augmented_probe_under_torchrun_with_two_processes(small_cifar, encoders
         (result,) = [json.loads(line) for line in f]          # one line: rank 0 alone writes
     assert result["world_size"] == 2 and result["mode"] == "augmented" and result["encoder_unchanged"]
     assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/: the report and the plot
+# ---------------------------------------------------------------------------------------------
+
+def _write_lines(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    epoch = {"epoch": 1, "knn_top1": 40.0, "sim_tp": 0.6, "sim_fn": 0.2, "images_seen": 512, "epoch_seconds": 60.0}
+    cached, augmented = {"mode": "cached", "top1": 45.0}, {"mode": "augmented", "top1": 41.0}
+    _write_lines(tmp_path / "a" / "metrics.jsonl", [epoch])
+    _write_lines(tmp_path / "a" / "linear_eval.jsonl", [cached, augmented, {"mode": "knn", "knn_top1": 39.0}])
+    _write_lines(tmp_path / "b" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 31.5}, {"mode": "cached", "top1": 30.0}])
+    _write_lines(tmp_path / "c" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 20.0}])
+    os.makedirs(tmp_path / "d")
+    _write_lines(tmp_path / "e" / "linear_eval.jsonl", [cached])
+    with open(tmp_path / "e" / "linear_eval.jsonl", "a") as f:
+        f.write('{"mode": "cac')
+    report.main(str(tmp_path))
+    out, err = capsys.readouterr()
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out.splitlines() if line.startswith("| ")}
+    assert table == {"row": ["kNN top-1", "linear top-1"], "a": ["40.00", "45.00"], "b": ["31.50", "30.00"]}
+    assert err.splitlines() == [
+        "report.py: skipped c: no linear_eval.py --cached result in its linear_eval.jsonl (only knn)",
+        "report.py: skipped d: no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)",
+        f"report.py: skipped e: {tmp_path / 'e' / 'linear_eval.jsonl'} line 2 is not JSON"]
+    report.main(str(tmp_path / "a"))                       # one run folder
+    assert "| a | 40.00 | 45.00 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished run in .*d: a row is a folder with"):
+        report.main(str(tmp_path / "d"))
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves out: "
+                                         "pip install matplotlib$"):
+        runpy.run_path(os.path.join(HERE, "experiments", "plot.py"), run_name="__main__")
+
+
+# ---------------------------------------------------------------------------------------------
+# The README, end to end
+# ---------------------------------------------------------------------------------------------
+
+# Tiny settings for the README's commands: one epoch of SPCL on 256 images, with the kNN monitor.
+README_SCALE = {"train.py": {"--epochs": "1", "--proto-start-epoch": "0", "--knn-every": "1", "--batch-size": "64",
+                             "--train-subset": "256", "--num-prototypes": "8", "--warmup-epochs": "1",
+                             "--image-size": "32", "--workers": "1"},
+                "linear_eval.py": {"--epochs": "1", "--batch-size": "64", "--workers": "0"}}
+
+
+def _readme_steps():
+    """The commands of the README's 'Train' and 'Evaluate and export', in order: ("sh", argv) for
+    each `python ...` line of a bash block, ("py", code) for a python block. Left out: pip, torchrun,
+    and the lines that need what a test has not (a network: --download; data at /path/to/...)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    steps = []
+    for section in ("## Train\n", "## Evaluate and export\n"):
+        body = text.split(section, 1)[1].split("\n## ", 1)[0]
+        for language, block in re.findall(r"```(bash|python)\n(.*?)```", body, re.S):
+            if language == "python":
+                steps.append(("py", block))
+                continue
+            for line in block.replace("\\\n", " ").splitlines():
+                argv = shlex.split(line, comments=True)
+                if argv[:1] == ["python"] and "--download" not in argv and "/path/to/" not in line:
+                    steps.append(("sh", argv))
+    return steps
+
+
+def _scaled(argv):
+    argv = list(argv)
+    if "--export" in argv:
+        return argv
+    for flag, value in README_SCALE.get(argv[1], {}).items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
+# Runs the README's steps in one fresh interpreter, each as its own `__main__` with its own argv,
+# in the copy of the repository: torch is imported once instead of once per command.
+_README_RUNNER = """
+import contextlib, io, json, runpy, sys, traceback
+reports = []
+for kind, step in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if kind == "sh":
+                sys.argv = step[1:]
+                runpy.run_path(step[1], run_name="__main__")
+            else:
+                exec(compile(step, "README.md", "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    reports.append({"step": step, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(reports))
+"""
+
+
+def test_readme_walkthrough_end_to_end(small_cifar, tmp_path):
+    """End to end: the README's commands, scaled down, in order on a fresh copy of the repository
+    whose ./data is CIFAR-10 as a user has it (an ImageFolder tree of real JPEGs, few of them).
+    Every train.py command is run twice: the second time it must say the run is finished."""
+    clone = tmp_path / "clone"
+    shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(".git", "runs", "data", "results", "__pycache__",
+                                                               ".pytest_cache", "*.pth"))
+    os.symlink(small_cifar, clone / "data")
+    steps = []
+    for kind, step in _readme_steps():
+        repeats = 2 if kind == "sh" and step[1] == "train.py" else 1
+        steps += [(kind, _scaled(step) if kind == "sh" else step)] * repeats
+    assert [step[1] for kind, step in steps if kind == "sh"] == [
+        "train.py", "train.py", "linear_eval.py", "linear_eval.py", "linear_eval.py", "experiments/report.py",
+        "linear_eval.py"]
+    done = subprocess.run([sys.executable, "-c", _README_RUNNER, json.dumps(steps)], cwd=clone, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.splitlines()[-1])
+    for report in reports:
+        assert report["code"] in (0, None) and "Traceback" not in report["stderr"], report
+    outputs = [report["stdout"] for report in reports]
+    assert "runs/cpu_spcl is finished: runs/cpu_spcl/checkpoint.pth holds epoch 1 of 1, nothing to do" in outputs[1]
+    with open(clone / "runs" / "cpu_spcl" / "linear_eval.jsonl") as f:
+        results = [json.loads(line) for line in f]
+    assert [r["mode"] for r in results] == ["cached", "augmented", "knn"]
+    assert all(r["checkpoint_epoch"] == 1 and r["train_images"] == 320 for r in results)
+    row = re.search(r"^\| cpu_spcl \| (\S+) \| (\S+) \|", outputs[5], re.M)
+    assert row and float(row[2]) == pytest.approx(results[0]["top1"], abs=0.005)     # the --cached result
+    assert float(row[1]) == pytest.approx(_metrics(clone / "runs" / "cpu_spcl")[-1]["knn_top1"], abs=0.005)
+    assert outputs[-1].strip() == "torch.Size([2, 128])"                            # the export, loaded
 
 
 # ---------------------------------------------------------------------------------------------

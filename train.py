@@ -1,13 +1,13 @@
 """SPCL pre-training (SPEC.md): one process on a laptop, or DDP under torchrun.
 
-    python train.py --dataset cifar10 --data ../shared/data/cifar10 --arch resnet18_narrow --epochs 20
+    python train.py --dataset cifar10 --data ./data --arch resnet18_narrow --epochs 20
     torchrun --nproc_per_node 8 train.py --dataset imagenet --data /path/to/imagenet
 
 Each epoch: cluster the training set (rank 0 runs faiss k-means on every image's features and
 broadcasts the prototypes) -> build same/cross-prototype pair batches -> re-initialise the
 prototype heads -> train on Eq. 5 with LARS. `--w-metric 0 --w-proto 0` is plain SimCLR (no
 clustering, random batches). `--out DIR` holds checkpoint.pth (resumed automatically) and
-metrics.jsonl (one JSON line per epoch).
+metrics.jsonl (one JSON line per epoch, numbered from 1). Ctrl-C stops with a line saying how to resume.
 """
 import argparse
 import collections
@@ -27,7 +27,7 @@ from tqdm import tqdm
 import cluster
 import data
 from lars import LARS
-from linear_eval import knn_top1
+from linear_eval import knn_top1, read_checkpoint
 from losses import CONTRAST_MODES, spcl_loss
 from models import ARCHS, SPCLModel
 from sampler import PairDataset, PrototypePairSampler
@@ -49,13 +49,17 @@ DATASET_DEFAULTS = {
 CHECKPOINT_FORMAT = 2
 # A checkpoint is refused when one of these differs from the current run.
 STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on", "w_proto_on")
+# These re-plan the learning-rate schedule: refused on resume unless --allow-schedule-change.
+SCHEDULE = ("epochs", "batch_size", "lr", "warmup_epochs", "train_subset")
+# Where training stands, for the one line that Ctrl-C ends with (the end of this file).
+progress = {"epoch": None, "epochs": None, "step": None, "steps": None, "checkpoint": None, "saved_epoch": 0}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data if missing")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data (created) if missing")
     p.add_argument("--out", default="runs/spcl", help="folder for checkpoint.pth and metrics.jsonl")
     p.add_argument("--arch", help=f"encoder: {', '.join(ARCHS)} (default: per dataset)")
     p.add_argument("--epochs", type=int)
@@ -91,11 +95,14 @@ def get_args(argv=None):
                    help="PCA-whitening before k-means; 0 = off (default: min(256, F / 2), F the feature size)")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--proto-start-epoch", type=int, default=0,
-                   help="plain SimCLR before this epoch, while clusters are still noise")
+                   help="N epochs of plain SimCLR first, while clusters are still noise; prototypes from epoch N+1")
     p.add_argument("--knn-every", type=int, default=0, help="kNN top-1 on the test set every N epochs; 0 = never")
     p.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset of N images")
     p.add_argument("--stop-after", type=int, default=0,
                    help="exit after this many epochs of this run (a job slot shorter than the schedule)")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="resume although --epochs, --lr, --batch-size, --warmup-epochs or --train-subset differ "
+                        "from the checkpoint's (the lr schedule is re-planned)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -145,6 +152,8 @@ def check_args(args, world):
         (args.pca_dim is not None and args.pca_dim < 0, f"--pca-dim must be >= 0, got {args.pca_dim}"),
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
         (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
+        (args.download and args.dataset not in data.SMALL,
+         f"--download fetches CIFAR only; put --dataset {args.dataset} in --data yourself"),
     ]
     return next((message for bad, message in problems if bad), None)
 
@@ -218,7 +227,8 @@ def similarity_probe(args, model, train_set, augment, device, size=2048):
     """SPEC.md's TP / FN / TN similarities, measured the same way for every method: the mean
     cosine similarity in projection space between the two views of an image (true positives),
     of two images of one class (false negatives) and of two classes (true negatives), over a
-    fixed set of training images with fixed views (the same every epoch), in eval mode."""
+    fixed set of training images with fixed views (the same every epoch), in eval mode. A kind of
+    pair that the set lacks (two classes in a one-class dataset) gives None."""
     g = torch.Generator().manual_seed(4321)
     idx = torch.randperm(len(train_set), generator=g)[:size].sort().values
     targets = torch.as_tensor(train_set.targets)[idx]
@@ -243,8 +253,8 @@ def similarity_probe(args, model, train_set, augment, device, size=2048):
     sim = z1 @ z2.T                                                   # M x M: view 1 of i, view 2 of j
     same_class = (targets[:, None] == targets[None, :]).to(device)
     other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
-    return {"sim_tp": sim.diagonal().mean().item(), "sim_fn": sim[same_class & other].mean().item(),
-            "sim_tn": sim[~same_class].mean().item()}
+    mean = lambda x: x.mean().item() if x.numel() else None      # None (JSON null): no such pair, e.g. one class
+    return {"sim_tp": mean(sim.diagonal()), "sim_fn": mean(sim[same_class & other]), "sim_tn": mean(sim[~same_class])}
 
 
 def eval_features(args, encoder, dataset, rank, world, device, amp_dtype):
@@ -328,11 +338,32 @@ def save_checkpoint(state, out):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, config, master):
+def check_writable(folder):
+    """None when files can be written in folder (created if missing), else why not."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:            # a truncated or foreign file: say which file, never overwrite it
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); move it away to start afresh", master)
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return None
+
+
+def schedule_changes(saved, config):
+    """The flags of SCHEDULE that differ between a checkpoint's config and this run's, as text."""
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in SCHEDULE if saved.get(k) != config[k]]
+
+
+def load_checkpoint(path, config, master):
+    """train.py's checkpoint at path, or a one-line stop (the file is never overwritten) when it is
+    unreadable, not a train.py checkpoint, of another configuration (STRUCTURAL, those in config),
+    or of another schedule (SCHEDULE) without --allow-schedule-change."""
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as e:
+        fail(f"{e}; move it away to start afresh", master)
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
         fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out", master)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -340,11 +371,47 @@ def load_checkpoint(path, config, master):
              f"LARS), whose optimiser state does not fit this one (format {CHECKPOINT_FORMAT}); use another --out",
              master)
     saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
-    differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL if saved[k] != config[k]]
+    differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL
+               if k in config and saved[k] != config[k]]
     if differs:
         fail(f"{path} was trained with another configuration ({'; '.join(differs)}); "
              "use another --out or the same flags", master)
+    changes = schedule_changes(ckpt["config"], config)
+    if changes and not config["allow_schedule_change"]:
+        fail(f"{path} was trained on another learning-rate schedule ({', '.join(changes)}); resume with the "
+             "checkpoint's flags, or add --allow-schedule-change to re-plan the schedule from here", master)
     return ckpt
+
+
+def trim_metrics(path, epochs_done, master):
+    """Keep the lines of metrics.jsonl for the epochs the checkpoint holds (1..epochs_done): a crash
+    between the log and the checkpoint leaves the line of an epoch that will be redone, a crash
+    during the append a half-written last line. Rewritten atomically when something is dropped."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept, dropped = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number < len(lines):
+                fail(f"{path} line {number} is not a JSON line of train.py; repair or delete that line", master)
+            dropped.append(f"its half-written last line {line.strip()[:40]!r}")
+            continue
+        if epoch <= epochs_done:
+            kept.append(line)
+        else:
+            dropped.append(f"the line of epoch {epoch} (after the checkpoint, so redone)")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        print(f"{path}: dropped {'; '.join(dropped)}")
 
 
 def main(argv=None):
@@ -357,12 +424,46 @@ def main(argv=None):
     problem = check_args(args, world)
     if problem:
         fail(problem, master)
+    why = check_writable(args.out)
+    if why:
+        fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "metrics.jsonl")
+    progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0, checkpoint=ckpt_path)
+
+    # ---- resume: the checkpoint is read before the data, so a finished or refused run costs nothing
+    ks = prototype_counts(args.num_prototypes)
+    config = dict(vars(args), num_prototypes=ks, w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
+    if args.prototypes == "gt":
+        del config["num_prototypes"]          # one per class: known once the data is loaded
+    ckpt = load_checkpoint(ckpt_path, config, master) if os.path.exists(ckpt_path) else None
+    start_epoch = ckpt["epoch"] if ckpt else 0
+    progress["saved_epoch"] = start_epoch
+    if world > 1:
+        # Every rank must have read the same checkpoint: --out on a filesystem all nodes share.
+        epochs = torch.tensor([start_epoch, -start_epoch], device=device)
+        dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+        if epochs[0] != -epochs[1]:
+            fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
+                 f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
+    if start_epoch >= args.epochs:
+        if master:
+            print(f"{args.out} is finished: {ckpt_path} holds epoch {start_epoch} of {args.epochs}, nothing to do "
+                  "(evaluate it with linear_eval.py, or train on with a larger --epochs and --allow-schedule-change)")
+        if world > 1:
+            dist.destroy_process_group()
+        return
+    if master:
+        trim_metrics(metrics_path, start_epoch, master)
+
     if args.download and world > 1 and not master:
         dist.barrier()                        # rank 0 downloads first
     try:
         train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
                                       workers=args.workers)
         test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
+    except data.DataNotFound as e:
+        hint = f", or add --download to fetch {args.dataset} there" if args.dataset in data.SMALL and not args.download else ""
+        fail(f"{e}{hint}", master)
     except (ValueError, RuntimeError, OSError) as e:
         fail(str(e), master)
     if args.download and world > 1 and master:
@@ -376,7 +477,11 @@ def main(argv=None):
     N = len(targets)
     num_classes = len(train_set.classes)
     uses_prototypes = bool(args.w_metric or args.w_proto)
-    ks = [num_classes] if args.prototypes == "gt" else prototype_counts(args.num_prototypes)
+    if args.prototypes == "gt":
+        ks = config["num_prototypes"] = [num_classes]
+        if ckpt and ckpt["config"].get("num_prototypes") != ks:
+            fail(f"{ckpt_path} was trained with another configuration (num_prototypes: checkpoint "
+                 f"{ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another --out or the same flags", master)
     if uses_prototypes and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
         fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} images", master)
     if args.batch_size > N:
@@ -413,41 +518,25 @@ def main(argv=None):
               f"trust ratio; {N} images, world size {world}, device {device}, AMP {amp_dtype}")
 
     # ---- resume -------------------------------------------------------------------------------
-    config = dict(vars(args), num_prototypes=ks, w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pth")
-    start_epoch, previous = 0, None
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, config, master)
+    previous = None             # the last epoch's k-means prototypes, for nmi_prev
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if proto_optimizer is not None:
             proto_optimizer.load_state_dict(ckpt["proto_optimizer"])
         if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, previous = ckpt["epoch"], ckpt["assignments"]
+        if uses_prototypes and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
+            previous = ckpt["assignments"]        # else the SimCLR epochs' singletons, no clustering
         if master:
             # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
             # the global state is restored for code that adds draws of its own.
             torch.set_rng_state(ckpt["rng"]["cpu"])
             changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
-                       if k not in STRUCTURAL and k not in ("out", "workers", "stop_after") and ckpt["config"].get(k) != v]
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}"
+                       if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
+                       and k not in ("out", "workers", "stop_after", "allow_schedule_change")]
+            print(f"resumed from {ckpt_path} after epoch {start_epoch} of {args.epochs}"
                   + (f"; changed since: {', '.join(changed)}" if changed else ""))
-            # Lines of epochs after the checkpoint (a crash between log and save) are redone.
-            if os.path.exists(metrics_path):
-                with open(metrics_path) as f:
-                    kept = [line for line in f if json.loads(line)["epoch"] < start_epoch]
-                with open(metrics_path, "w") as f:
-                    f.writelines(kept)
-    if world > 1:
-        # Every rank must have read the same checkpoint: --out on a filesystem all nodes share.
-        epochs = torch.tensor([start_epoch, -start_epoch], device=device)
-        dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
-        if epochs[0] != -epochs[1]:
-            fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
-                 f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
 
     augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset], args.jitter) if in_memory else None
     pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size, args.jitter))
@@ -455,13 +544,20 @@ def main(argv=None):
     steps_per_epoch = len(sampler)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    progress["steps"] = steps_per_epoch
+    rescheduled = schedule_changes(ckpt["config"], config) if ckpt else []
+    if rescheduled and master:
+        print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): the lr goes from "
+              f"{ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint's last step to "
+              f"{lr_at(start_epoch * steps_per_epoch, total_steps, warmup_steps, base_lr):.4g} now")
 
     # Train features [N, F] on rank 0 (None elsewhere); `reuse` (the same on every rank) says that
     # the previous epoch's kNN pass made them from the current weights, so clustering can use them.
     features, reuse = None, False
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
-        stats = {"epoch": epoch}
+        stats = {"epoch": epoch + 1}                  # the epoch this line reports, counted from 1
+        progress.update(epoch=epoch + 1, step=0)
         use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
         # ---- 1. prototypes --------------------------------------------------------------------
         if use_prototypes and args.prototypes == "gt":
@@ -503,11 +599,13 @@ def main(argv=None):
         recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
         term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
             + (["proto"] if use_prototypes and args.w_proto else [])
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not master, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+                   dynamic_ncols=True, leave=False)
         train_start = time.time()
         for i, (v1, v2, same, protos) in enumerate(train_batches(
                 args, train_set, sampler, assignments, augment, pair_set, epoch, rank, device)):
             step = epoch * steps_per_epoch + i
+            progress["step"] = i + 1
             lr = lr_at(step, total_steps, warmup_steps, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -523,7 +621,7 @@ def main(argv=None):
             values = values.tolist()
             if not all(math.isfinite(v) for v in values):
                 named = ", ".join(f"{n}={v:.4g}" for n, v in zip(["total"] + term_names, values))
-                fail(f"non-finite loss at epoch {epoch} step {i} (global step {step}): {named}; "
+                fail(f"non-finite loss at epoch {epoch + 1} step {i + 1}/{steps_per_epoch}: {named}; "
                      f"the last good checkpoint is {ckpt_path} (try a lower --lr)", master)
             model.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -567,9 +665,10 @@ def main(argv=None):
                              "proto_optimizer": proto_optimizer.state_dict() if proto_optimizer else None,
                              "scaler": scaler.state_dict(), "epoch": epoch + 1, "assignments": assignments,
                              "rng": {"cpu": torch.get_rng_state()}, "config": config}, args.out)
+            progress["saved_epoch"] = epoch + 1
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                               if not isinstance(v, dict)}))
-        previous = assignments
+        previous = assignments if use_prototypes else None
         if world > 1:
             dist.barrier()
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
@@ -578,5 +677,25 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def interrupted_message():
+    """The line Ctrl-C ends with: where training stood and how to go on."""
+    p = progress
+    where = ("before training" if not p["epoch"] else f"in epoch {p['epoch']}/{p['epochs']} "
+             + (f"at step {p['step']}/{p['steps']}" if p["step"] else "before its first step"))
+    if p["saved_epoch"]:
+        return (f"train.py: interrupted {where}; the last checkpoint is {p['checkpoint']} (after epoch "
+                f"{p['saved_epoch']}); run the same command to resume")
+    return f"train.py: interrupted {where}; no checkpoint yet, so the same command starts afresh"
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        for bar in list(tqdm._instances):       # clear the progress bar's half line
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_message(), file=sys.stderr)
+        sys.exit(130)
+    except data.DataError as e:                 # raised in a DataLoader worker: a traceback around it
+        sys.exit(f"train.py: error: {e.sentence()}")

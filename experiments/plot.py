@@ -1,14 +1,19 @@
 """Per-epoch curves of train.py runs, the analogue of the paper's Fig. 2b: kNN top-1, and the
 similarity of true positives (two views of an image) and of false negatives (two images of one
-class) in projection space, SimCLR against SPCL. Needs matplotlib (pip install matplotlib).
+class) in projection space, SimCLR against SPCL, per epoch (numbered from 1, as metrics.jsonl).
+Needs matplotlib, which requirements.txt leaves out: pip install matplotlib.
 
     python experiments/plot.py results/cifar10_e3/simclr_s0 results/cifar10_e3/spcl_s0 --out fig2b.png
 """
 import argparse
 import json
 import os
+import sys
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError:
+    sys.exit("plot.py needs matplotlib, which requirements.txt leaves out: pip install matplotlib")
 
 matplotlib.use("Agg")                       # files only, no display needed
 import matplotlib.pyplot as plt             # noqa: E402
@@ -25,7 +30,7 @@ def main():
         with open(os.path.join(run, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         name = os.path.basename(os.path.normpath(run))
-        epochs = [r["epoch"] + 1 for r in rows]
+        epochs = [r["epoch"] for r in rows]
         knn = [(e, r["knn_top1"]) for e, r in zip(epochs, rows) if "knn_top1" in r]
         line, = ax_knn.plot(*zip(*knn), marker="o", label=name) if knn else ax_knn.plot([], [])
         ax_sim.plot(epochs, [r["sim_tp"] for r in rows], marker="o", color=line.get_color(), label=f"{name} TP")

@@ -2,9 +2,12 @@
 
     python experiments/report.py results/cifar10_e3
 
-A run folder holds metrics.jsonl (train.py), linear_eval.jsonl (linear_eval.py --cached) and
-row.json (wall-clock); the untrained-encoder row has knn.jsonl instead of metrics.jsonl. Rows whose
-names differ only in their _sN seed suffix are also summarised as mean and half-range.
+A run folder holds metrics.jsonl (train.py), linear_eval.jsonl (linear_eval.py --out: "linear
+top-1" is its last --cached result, each mode read by name) and row.json (wall-clock, optional);
+the untrained-encoder row has knn.jsonl instead of metrics.jsonl. "kNN top-1" is the last epoch's
+kNN monitor, else the last linear_eval.py --knn result. Folders that are not finished rows are
+listed on stderr with the reason. RESULTS_FOLDER may also be one run folder. Rows whose names
+differ only in their _sN seed suffix are also summarised as mean and half-range.
 """
 import json
 import os
@@ -13,27 +16,47 @@ import sys
 from collections import defaultdict
 
 
+RUN_FILES = ("linear_eval.jsonl", "metrics.jsonl", "knn.jsonl")
+
+
 def _lines(path):
+    """The JSON lines of path ([] when it is missing); ValueError naming a line that is not JSON."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path} line {number} is not JSON") from None
+    return rows
+
+
+def _last(results, mode):
+    """The last linear_eval.py result of one mode ("cached", "augmented", "knn"), or None."""
+    return next((r for r in reversed(results) if r.get("mode") == mode), None)
 
 
 def load_row(folder):
-    """{metric: value} of one finished run folder, or None when it is not finished."""
-    probe = _lines(os.path.join(folder, "linear_eval.jsonl"))
-    if not probe:
-        return None
-    metrics = _lines(os.path.join(folder, "metrics.jsonl"))
-    knn = _lines(os.path.join(folder, "knn.jsonl"))
+    """({metric: value}, None) for a finished run folder, or (None, why it is not a row)."""
+    try:
+        probe, metrics, knn, wall = (_lines(os.path.join(folder, name)) for name in RUN_FILES + ("row.json",))
+    except ValueError as e:
+        return None, str(e)
+    cached = _last(probe, "cached")
+    if cached is None:
+        modes = sorted({str(r.get("mode")) for r in probe})
+        return None, (f"no linear_eval.py --cached result in its linear_eval.jsonl (only {', '.join(modes)})" if probe
+                      else "no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)")
     last = metrics[-1] if metrics else {}
-    wall = _lines(os.path.join(folder, "row.json"))
-    return {"knn_top1": last.get("knn_top1", knn[-1]["knn_top1"] if knn else None),
-            "linear_top1": probe[-1]["top1"], "sim_tp": last.get("sim_tp"), "sim_fn": last.get("sim_fn"),
+    knn_result = _last(probe + knn, "knn")
+    return {"knn_top1": last.get("knn_top1", knn_result["knn_top1"] if knn_result else None),
+            "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"), "sim_fn": last.get("sim_fn"),
             "nmi_gt": last.get("nmi_gt"), "images_seen": last.get("images_seen", 0),
             "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60 if metrics else None,
-            "wall_minutes": wall[-1]["wall_seconds"] / 60 if wall else None}
+            "wall_minutes": wall[-1]["wall_seconds"] / 60 if wall else None}, None
 
 
 def _fmt(value, digits=2):
@@ -41,8 +64,20 @@ def _fmt(value, digits=2):
 
 
 def main(root):
-    rows = {name: load_row(os.path.join(root, name)) for name in sorted(os.listdir(root))}
+    if any(os.path.exists(os.path.join(root, name)) for name in RUN_FILES):       # one run folder
+        folders = {os.path.basename(os.path.abspath(root)): root}
+    else:
+        folders = {name: os.path.join(root, name) for name in sorted(os.listdir(root))
+                   if os.path.isdir(os.path.join(root, name))}
+    rows = {}
+    for name, folder in folders.items():
+        rows[name], why = load_row(folder)
+        if why:
+            print(f"report.py: skipped {name}: {why}", file=sys.stderr)
     rows = {name: row for name, row in rows.items() if row is not None}
+    if not rows:
+        sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's metrics.jsonl and a "
+                 "linear_eval.py --cached result (--out that folder)")
     columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "images_seen", "train_minutes", "wall_minutes"]
     print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | images seen | train min | wall min |")
     print("|---|" + "---|" * len(columns))
@@ -60,7 +95,10 @@ def main(root):
         for name, group in seeded.items():
             cells = []
             for c in ("knn_top1", "linear_top1", "sim_fn"):
-                values = [r[c] for r in group]
+                values = [r[c] for r in group if r[c] is not None]
+                if not values:
+                    cells.append("-")
+                    continue
                 mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
                 cells.append(f"{mean:.{3 if c == 'sim_fn' else 2}f} ± {half:.{3 if c == 'sim_fn' else 2}f}")
             print(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
