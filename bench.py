@@ -25,6 +25,8 @@ import json
 import os
 import tempfile
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -33,11 +35,10 @@ import torch.nn.functional as F
 import torchvision
 
 import data
-import train
 from cluster import run_kmeans
 from lars import LARS
 from losses import nt_xent
-from models import SPCLModel
+from models import SPCLModel, TrainingStep
 from sampler import PrototypePairSampler
 
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10")
@@ -202,14 +203,13 @@ def bench_step(device, repeat):
     arch, batch = ("resnet18", 512) if device.type == "cuda" else ("resnet18_narrow", 256)
     print(f"== step: one training step (forward, Eq. 5, backward, LARS), {arch}, {batch} images, "
           "SPCL / SimCLR (target <= 1.10)")
-    args = train.get_args(["--arch", arch])
     amp = torch.bfloat16 if device.type == "cuda" else None
     g = torch.Generator().manual_seed(0)
     v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last) for _ in range(2))
     same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
     protos = torch.randint(0, 512, (batch, 1), generator=g).to(device)
     model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(device, memory_format=torch.channels_last)
-    step_module = train.TrainStep(model, args)
+    step_module = TrainingStep(model, contrast="per-side")
     optimizer = LARS(model.parameters(), lr=0.1)
 
     def step(use_prototypes):
@@ -249,8 +249,9 @@ def bench_epoch(device, repeat):
         return
     with tempfile.TemporaryDirectory() as out:
         # Epoch 1 of 2: its clustering runs on a trained encoder, like every epoch after the first.
-        train.main(["--dataset", "cifar10", "--data", CIFAR10, "--arch", "resnet18_narrow", "--epochs", "2",
-                    "--batch-size", "512", "--num-prototypes", "512", "--warmup-epochs", "1", "--out", out])
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--dataset", "cifar10", "--data", CIFAR10, "--arch",
+                        "resnet18_narrow", "--epochs", "2", "--batch-size", "512", "--num-prototypes", "512",
+                        "--warmup-epochs", "1", "--out", out], check=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             row = [json.loads(line) for line in f][-1]
     kmeans = row["kmeans_k512"]["seconds"]

@@ -10,12 +10,14 @@ normalisation, 20 Lloyd iterations of faiss k-means from random centroids) and b
 the assignments. `nmi` measures the partition against the labels or the previous epoch.
 """
 
+import math
 import time
 
 import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def _dist_info():
@@ -289,3 +291,51 @@ def nmi(a, b):
         return 1.0
     mutual = (p_ab * np.log(p_ab / (p_a[codes // num_b] * p_b[codes % num_b]))).sum()
     return float(np.clip(mutual / ((h_a + h_b) / 2), 0.0, 1.0))
+
+
+@torch.no_grad()
+def knn_top1(train_features, train_targets, test_features, test_targets, k=200, temperature=0.1,
+             num_classes=None, chunk=4096, device=None):
+    """Weighted kNN top-1 accuracy in percent (Wu et al. 2018, arXiv 1805.01978).
+
+    Each test image votes with its k nearest training images by cosine similarity s, each weighted
+    exp(s / temperature); the class with the largest summed weight is the prediction.
+
+    Args:
+        train_features: [N, F], any float dtype, on any device (fp16 CPU from
+            cluster.extract_features is fine: every block is computed in float32).
+        train_targets: [N] int class ids.
+        test_features: [M, F]; test_targets: [M].
+        k: neighbours (clamped to N). temperature: of the vote weights.
+        num_classes: C; default 1 + the largest target.
+        chunk: rows of test and of train features per block, so memory stays bounded by
+            [chunk, chunk] similarities and [chunk, k] running neighbours (1.28M x 2048 is fine).
+        device: where the arithmetic runs; default CUDA when available.
+    """
+    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(f"need features [N, F] and [M, F], got {tuple(train_features.shape)} and "
+                         f"{tuple(test_features.shape)}")
+    if len(train_targets) != len(train_features) or len(test_targets) != len(test_features):
+        raise ValueError("need one target per feature row")
+    if len(train_features) == 0 or len(test_features) == 0:
+        raise ValueError("need at least one train and one test feature")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    k = min(k, len(train_features))
+    train_targets = torch.as_tensor(train_targets).to(device)
+    test_targets = torch.as_tensor(test_targets).cpu()
+    C = num_classes or max(int(train_targets.max()), int(test_targets.max())) + 1
+    correct = 0
+    for start in range(0, len(test_features), chunk):
+        query = F.normalize(test_features[start:start + chunk].to(device, torch.float32), dim=1)  # c x F
+        top_sim = torch.full((len(query), k), -math.inf, device=device)                          # c x k
+        top_label = torch.zeros((len(query), k), dtype=torch.int64, device=device)
+        for train_start in range(0, len(train_features), chunk):
+            keys = F.normalize(train_features[train_start:train_start + chunk].to(device, torch.float32), dim=1)
+            sim = torch.cat([top_sim, query @ keys.T], 1)                        # c x (k + b)
+            labels = train_targets[train_start:train_start + chunk].expand(len(query), -1)
+            top_sim, pos = sim.topk(k, dim=1)                                    # c x k
+            top_label = torch.cat([top_label, labels], 1).gather(1, pos)
+        votes = torch.zeros(len(query), C, device=device)
+        votes.scatter_add_(1, top_label, (top_sim / temperature).exp())         # c x C
+        correct += int((votes.argmax(1).cpu() == test_targets[start:start + chunk]).sum())
+    return 100.0 * correct / len(test_features)

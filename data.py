@@ -351,3 +351,44 @@ def eval_batches(dataset, rank, world, image_size, mean_std, workers, batch_size
     return torch.utils.data.DataLoader(Transformed(dataset, eval_transform(image_size, mean_std)),
                                        batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=torch.cuda.is_available())
+
+
+def crop_flip(images, mean_std, generator):
+    """The probe's augmentation, batched on the images' device: RandomResizedCrop (scale 0.08-1,
+    resized back to H x W) and a horizontal flip (p 0.5) of uint8 images [B, H, W, 3] ->
+    normalised float [B, 3, H, W]. The random draws come from the CPU `generator`."""
+    B, H, W, _ = images.shape
+    augment = BatchAugment(H, mean_std)            # for torchvision's crop rule, crop_boxes
+    x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255), augment.crop_boxes(B, H, W, generator),
+                         (H, W))                                                 # B x 3 x H x W
+    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    x = torch.where(flip, x.flip(3), x)
+    return (x - augment.mean.to(x.device)) / augment.std.to(x.device)
+
+
+def augmented_batches(train_set, batch_size, rank, world, image_size, mean_std, device, seed, workers):
+    """The probe's training views: (epoch -> this rank's batches (images [B, 3, S, S], targets [B]),
+    steps per epoch). RandomResizedCrop + flip, batched on `device` for an InMemoryImages, else
+    torchvision's PIL transforms in DataLoader workers."""
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=seed)
+    steps_per_epoch = math.ceil(len(sampler) / batch_size)
+    if isinstance(train_set, InMemoryImages):
+        def batches(epoch):
+            sampler.set_epoch(epoch)
+            g = seeded_generator(seed, PROBE_VIEWS, epoch, rank)
+            for idx in torch.tensor(list(sampler)).split(batch_size):
+                images = train_set.images[idx].to(device, non_blocking=True)
+                yield crop_flip(images, mean_std, g), train_set.targets[idx]
+        return batches, steps_per_epoch
+
+    crop_flip_view = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(), T.ToImage(),
+                                T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+    loader = torch.utils.data.DataLoader(Transformed(train_set, crop_flip_view), batch_size=batch_size,
+                                         sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=workers > 0)
+
+    def batches(epoch):
+        sampler.set_epoch(epoch)
+        return ((x, y) for x, y, _ in loader)
+    return batches, steps_per_epoch
+

@@ -33,13 +33,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 import linear_eval
+import runtime
 import train
-from cluster import cluster_means, distributed_kmeans, extract_features, nmi, run_kmeans, run_kmeans_multi
+from cluster import (cluster_means, distributed_kmeans, extract_features, knn_top1, nmi, run_kmeans,
+                     run_kmeans_multi)
 from lars import LARS
-from linear_eval import evaluate, export_encoder, knn_top1, load_encoder, train_classifier
+from linear_eval import evaluate, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
                     symmetric_ce)
-from models import SPCLModel, build_encoder
+from models import SPCLModel, TrainingStep, build_encoder, export_encoder, load_encoder
 from sampler import PairDataset, PrototypePairSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -942,7 +944,6 @@ def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, m
 
 @needs_cifar
 def test_loss_falls_on_one_fixed_batch(small_cifar):
-    args = train.get_args(_train_args(small_cifar, "unused"))
     torch.manual_seed(0)
     images = data.load_dataset("cifar10", small_cifar, train=True).images[:32]
     augment = data.BatchAugment(32, data.MEAN_STD["cifar10"])
@@ -950,9 +951,8 @@ def test_loss_falls_on_one_fixed_batch(small_cifar):
     v1, v2 = augment(images, g), augment(images, g)
     same = torch.tensor([1, 0] * 8)
     protos = torch.randint(0, 8, (32, 1), generator=g)
-    from models import SPCLModel
     model = SPCLModel("resnet18_narrow", True, [8])
-    step = train.TrainStep(model, args)
+    step = TrainingStep(model, contrast="per-side")
     opt = LARS(model.parameters(), lr=0.5)
     losses = []
     for _ in range(15):
@@ -989,8 +989,20 @@ def test_resume_is_exact(small_cifar, tmp_path):
         assert ra.get("nmi_prev") == rb.get("nmi_prev")
 
 
+def test_scripts_import_library_modules_only():
+    # The house rule: train.py, linear_eval.py and bench.py share library modules, never each other,
+    # and the library modules never import a script.
+    scripts = {"train", "linear_eval", "bench"}
+    for path in sorted(os.listdir(HERE)):
+        if not path.endswith(".py") or path.startswith("test_"):
+            continue
+        with open(os.path.join(HERE, path)) as f:
+            imported = set(re.findall(r"^\s*(?:from|import) (\w+)", f.read(), flags=re.MULTILINE))
+        assert not imported & scripts, f"{path} imports {sorted(imported & scripts)}"
+
+
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(tmp_path))
+    runtime.atomic_save({"epoch": 1, "w": torch.ones(3)}, str(tmp_path / "checkpoint.pth"))
 
     def dying_save(obj, f):
         f.write(b"half a checkpoint")
@@ -998,7 +1010,7 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, str(tmp_path))
+        runtime.atomic_save({"epoch": 2, "w": torch.zeros(3)}, str(tmp_path / "checkpoint.pth"))
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 
@@ -1175,7 +1187,7 @@ def test_resume_into_fp16_loss_scaling_from_a_run_without_it(small_cifar, tmp_pa
     train.main(_train_args(small_cifar, tmp_path, "--stop-after", "1", "--train-subset", "128"))
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"] == {}
     real = torch.amp.GradScaler
-    monkeypatch.setattr(train.torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
     train.main(_train_args(small_cifar, tmp_path, "--train-subset", "128"))
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0

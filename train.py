@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,10 +25,10 @@ from tqdm import tqdm
 
 import cluster
 import data
+import runtime
 from lars import LARS
-from linear_eval import knn_top1, read_checkpoint
-from losses import CONTRAST_MODES, spcl_loss
-from models import ARCHS, SPCLModel
+from losses import CONTRAST_MODES
+from models import ARCHS, SPCLModel, TrainingStep
 from sampler import PairDataset, PrototypePairSampler
 
 # Defaults that differ by dataset; CIFAR's are the official code's (SPEC.md, "Hyper-parameters").
@@ -159,67 +158,7 @@ def check_args(args, world):
 
 
 def fail(message, master=True):
-    """Stop with a one-line error (printed once, by rank 0) instead of a traceback."""
-    sys.exit(f"train.py: error: {message}" if master else 1)
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process.
-    Returns (rank, world size, device)."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # torchrun keeps its key-value store across worker restarts (--max-restarts), and gloo would
-    # read the dead workers' addresses from it: each restart gets keys of its own.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=30))
-    store = dist.PrefixStore(f"spcl_restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    return rank, world, device
-
-
-def lr_at(step, total_steps, warmup_steps, base_lr):
-    """Linear warm-up, then cosine decay to 0 (per step)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class TrainStep(nn.Module):
-    """Everything with parameters runs inside forward(), so DDP sees and syncs every gradient.
-
-    forward(v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H], use_prototypes) -> (loss, terms)
-    use_prototypes False drops Eq. 3 and 4 (the SimCLR warm-up of --proto-start-epoch).
-    """
-
-    def __init__(self, model, args):
-        super().__init__()
-        self.model, self.args = model, args
-
-    def forward(self, v1, v2, same, prototypes, use_prototypes):
-        a = self.args
-        h, z = self.model(torch.cat([v1, v2]))             # 4P x F, 4P x 128: one pass, both views
-        h1, h2 = h.float().chunk(2)
-        z1, z2 = z.float().chunk(2)
-        # The losses in float32: bf16 logits would cost NT-Xent's gradient ~1% at t = 0.1. Values
-        # are not validated here (a NaN on one rank would stop it alone); main() checks the
-        # all-reduced loss instead.
-        with torch.autocast(v1.device.type, enabled=False):
-            return spcl_loss(
-                z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
-                w_con=a.w_con, w_metric=a.w_metric if use_prototypes else 0, w_proto=a.w_proto if use_prototypes else 0,
-                temperature=a.temperature, contrast=a.contrast, proto_loss=a.proto_loss,
-                same_image_pairs=not a.no_same_image_pairs,
-                validate=False)
+    runtime.fail("train.py", message, master)
 
 
 @torch.no_grad()
@@ -326,31 +265,6 @@ def centroid_heads(features, assignments, ks, feature_dim, world, device, temper
     return weights
 
 
-def save_checkpoint(state, out):
-    """Atomic: a crash (or a power cut, thanks to fsync) while writing leaves the previous
-    checkpoint.pth whole."""
-    path = os.path.join(out, "checkpoint.pth")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def check_writable(folder):
-    """None when files can be written in folder (created if missing), else why not."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
-
-
 def schedule_changes(saved, config):
     """The flags of SCHEDULE that differ between a checkpoint's config and this run's, as text."""
     return [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in SCHEDULE if saved.get(k) != config[k]]
@@ -361,7 +275,7 @@ def load_checkpoint(path, config, master):
     unreadable, not a train.py checkpoint, of another configuration (STRUCTURAL, those in config),
     or of another schedule (SCHEDULE) without --allow-schedule-change."""
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = runtime.read_checkpoint(path)
     except ValueError as e:
         fail(f"{e}; move it away to start afresh", master)
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
@@ -416,7 +330,7 @@ def trim_metrics(path, epochs_done, master):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = runtime.setup_distributed()
     master = rank == 0
     torch.manual_seed(args.seed + rank)
 
@@ -424,7 +338,7 @@ def main(argv=None):
     problem = check_args(args, world)
     if problem:
         fail(problem, master)
-    why = check_writable(args.out)
+    why = runtime.check_writable(args.out)
     if why:
         fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "metrics.jsonl")
@@ -497,7 +411,9 @@ def main(argv=None):
     model = model.to(device, memory_format=torch.channels_last)
     if args.pca_dim is None:
         args.pca_dim = min(256, model.feature_dim // 2)    # whitening at full rank would make noise signal
-    step_module = TrainStep(model, args)
+    step_module = TrainingStep(model, w_con=args.w_con, w_metric=args.w_metric, w_proto=args.w_proto,
+                               temperature=args.temperature, contrast=args.contrast, proto_loss=args.proto_loss,
+                               same_image_pairs=not args.no_same_image_pairs)
     if world > 1:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
         # only then must DDP search the graph for unused parameters.
@@ -509,7 +425,7 @@ def main(argv=None):
     optimizer = LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr, weight_decay=args.weight_decay)
     proto_optimizer = head_optimizer(model, args)
     # bf16 where the GPU has it natively (Ampere and later), else fp16 with loss scaling.
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16) if cuda else None
+    amp_dtype = runtime.autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     if master:
         n_params = sum(p.numel() for p in model.parameters())
@@ -549,7 +465,7 @@ def main(argv=None):
     if rescheduled and master:
         print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): the lr goes from "
               f"{ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint's last step to "
-              f"{lr_at(start_epoch * steps_per_epoch, total_steps, warmup_steps, base_lr):.4g} now")
+              f"{runtime.cosine_lr(start_epoch * steps_per_epoch, total_steps, base_lr, warmup_steps):.4g} now")
 
     # Train features [N, F] on rank 0 (None elsewhere); `reuse` (the same on every rank) says that
     # the previous epoch's kNN pass made them from the current weights, so clustering can use them.
@@ -606,7 +522,7 @@ def main(argv=None):
                 args, train_set, sampler, assignments, augment, pair_set, epoch, rank, device)):
             step = epoch * steps_per_epoch + i
             progress["step"] = i + 1
-            lr = lr_at(step, total_steps, warmup_steps, base_lr)
+            lr = runtime.cosine_lr(step, total_steps, base_lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             v1 = v1.contiguous(memory_format=torch.channels_last)
@@ -652,7 +568,7 @@ def main(argv=None):
             test_features = eval_features(args, model.encoder, test_set, rank, world, device, amp_dtype)
             model.train()
             if master:
-                stats["knn_top1"] = knn_top1(features, targets, test_features, test_set.targets,
+                stats["knn_top1"] = cluster.knn_top1(features, targets, test_features, test_set.targets,
                                              num_classes=num_classes)
             reuse = not args.cluster_aug
         if master:
@@ -661,10 +577,10 @@ def main(argv=None):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(stats) + "\n")
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            runtime.atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "proto_optimizer": proto_optimizer.state_dict() if proto_optimizer else None,
                              "scaler": scaler.state_dict(), "epoch": epoch + 1, "assignments": assignments,
-                             "rng": {"cpu": torch.get_rng_state()}, "config": config}, args.out)
+                             "rng": {"cpu": torch.get_rng_state()}, "config": config}, ckpt_path)
             progress["saved_epoch"] = epoch + 1
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                               if not isinstance(v, dict)}))

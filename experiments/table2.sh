@@ -56,7 +56,7 @@ for row in "${ORDER[@]}"; do
   commit=$(git rev-parse --short HEAD)
   if [ "$row" = random ]; then
     # The floor: an untrained encoder, evaluated the same way.
-    python -c "import torch; from models import build_encoder; from linear_eval import export_encoder; \
+    python -c "import torch; from models import build_encoder, export_encoder; \
 torch.manual_seed(0); export_encoder(build_encoder('resnet18_narrow', True)[0], '$dir/encoder.pth')"
     ckpt=("$dir/encoder.pth" --arch resnet18_narrow --dataset cifar10)
     python linear_eval.py --checkpoint "${ckpt[@]}" --data "$DATA" --knn --out "$dir/knn.jsonl"
