@@ -49,45 +49,6 @@ class InMemoryImages(torch.utils.data.Dataset):
         return (x - self.mean) / self.std
 
 
-class InMemoryLoader:
-    """Batches (images, targets, indices) of an InMemoryImages over the given indices, in order:
-    the evaluation view, or one augmentation by `augment` (a BatchAugment) drawn from `generator`.
-    A DataLoader without workers or per-image calls; it has a len() like one."""
-
-    def __init__(self, dataset, indices, batch_size, augment=None, generator=None):
-        self.dataset, self.batch_size, self.augment, self.generator = dataset, batch_size, augment, generator
-        self.indices = torch.as_tensor(indices, dtype=torch.int64)
-
-    def __len__(self):
-        return math.ceil(len(self.indices) / self.batch_size)
-
-    def __iter__(self):
-        for idx in self.indices.split(self.batch_size):
-            if self.augment is None:
-                x = self.dataset.normalised(idx)
-            else:
-                x = self.augment(self.dataset.images[idx], self.generator)
-            yield x, self.dataset.targets[idx], idx
-
-
-class Transformed(torch.utils.data.Dataset):
-    """Items (transform(image), target, index) of an on-disk dataset of (PIL image, target) pairs.
-
-    The dataset itself is never modified (its own transform stays None), so one ImageFolder can
-    serve the training pairs, the feature pass and the linear probe, each with its own view.
-    """
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, target = self.dataset[i]
-        return self.transform(image), target, i
-
-
 class DataError(ValueError):
     """A file of the dataset that cannot be read; the message names it."""
 
@@ -342,53 +303,142 @@ def subset(dataset, n, seed):
     return dataset
 
 
-def eval_batches(dataset, rank, world, image_size, mean_std, workers, batch_size=512):
-    """This rank's shard of dataset in the evaluation view, as (images, targets, indices) batches for
-    cluster.extract_features (padded like a DistributedSampler: duplicates land on the same row)."""
-    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=False)
-    if isinstance(dataset, InMemoryImages):
-        return InMemoryLoader(dataset, list(sampler), batch_size)
-    return torch.utils.data.DataLoader(Transformed(dataset, eval_transform(image_size, mean_std)),
-                                       batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available())
-
+# ---------------------------------------------------------------------------------------------
+# Batches of views: one way for in-memory and on-disk datasets
+# ---------------------------------------------------------------------------------------------
 
 def crop_flip(images, mean_std, generator):
-    """The probe's augmentation, batched on the images' device: RandomResizedCrop (scale 0.08-1,
-    resized back to H x W) and a horizontal flip (p 0.5) of uint8 images [B, H, W, 3] ->
+    """The linear probe's augmentation, batched on the images' device: RandomResizedCrop (scale
+    0.08-1, resized back to H x W) and a horizontal flip (p 0.5) of uint8 images [B, H, W, 3] ->
     normalised float [B, 3, H, W]. The random draws come from the CPU `generator`."""
     B, H, W, _ = images.shape
     augment = BatchAugment(H, mean_std)            # for torchvision's crop rule, crop_boxes
     x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255), augment.crop_boxes(B, H, W, generator),
-                         (H, W))                                                 # B x 3 x H x W
+                    (H, W))                                                      # B x 3 x H x W
     flip = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
     return (x - augment.mean.to(x.device)) / augment.std.to(x.device)
 
 
-def augmented_batches(train_set, batch_size, rank, world, image_size, mean_std, device, seed, workers):
-    """The probe's training views: (epoch -> this rank's batches (images [B, 3, S, S], targets [B]),
-    steps per epoch). RandomResizedCrop + flip, batched on `device` for an InMemoryImages, else
-    torchvision's PIL transforms in DataLoader workers."""
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=seed)
-    steps_per_epoch = math.ceil(len(sampler) / batch_size)
-    if isinstance(train_set, InMemoryImages):
-        def batches(epoch):
-            sampler.set_epoch(epoch)
-            g = seeded_generator(seed, PROBE_VIEWS, epoch, rank)
-            for idx in torch.tensor(list(sampler)).split(batch_size):
-                images = train_set.images[idx].to(device, non_blocking=True)
-                yield crop_flip(images, mean_std, g), train_set.targets[idx]
-        return batches, steps_per_epoch
+def crop_flip_transform(size, mean_std):
+    """crop_flip for one PIL image."""
+    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), T.ToImage(),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
 
-    crop_flip_view = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(), T.ToImage(),
-                                T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
-    loader = torch.utils.data.DataLoader(Transformed(train_set, crop_flip_view), batch_size=batch_size,
-                                         sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=workers > 0)
 
-    def batches(epoch):
-        sampler.set_epoch(epoch)
-        return ((x, y) for x, y, _ in loader)
-    return batches, steps_per_epoch
+VIEWS = ("eval", "simclr", "crop_flip")
 
+
+class Transformed(torch.utils.data.Dataset):
+    """Items (view, target, index) of an on-disk dataset of (PIL image, target) pairs; view is
+    transform(image), or a tuple of `copies` independent transforms of it.
+
+    An item asked for as (index, key) draws its randomness from seeded_generator(*key, index),
+    so a view depends on the run's seed, the epoch and the image only: not on the DataLoader
+    worker that makes it, the number of workers, or where a resumed run restarted. The dataset
+    itself is never modified (its own transform stays None), so one ImageFolder serves every view.
+    """
+
+    def __init__(self, dataset, transform, copies=1):
+        self.dataset, self.transform, self.copies = dataset, transform, copies
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        i, key = item if isinstance(item, tuple) else (item, None)
+        image, target = self.dataset[i]
+        with torch.random.fork_rng(devices=[], enabled=key is not None):
+            if key is not None:    # torchvision's transforms draw from torch's global generator
+                torch.manual_seed(int(seeded_generator(*key, i).initial_seed()))
+            views = tuple(self.transform(image) for _ in range(self.copies))
+        return (views if self.copies > 1 else views[0]), target, i
+
+
+class _Keyed:
+    """Batches of indices -> batches of (index, key) items, for Transformed."""
+
+    def __init__(self, batch_indices, key):
+        self.batch_indices, self.key = batch_indices, key
+
+    def __iter__(self):
+        return ([(int(i), self.key) for i in batch] for batch in self.batch_indices)
+
+
+class _Sized:
+    """An iterable with the len() of the batches it was made from, when they have one."""
+
+    def __init__(self, iterable, length):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self):
+        if self.length is None:
+            raise TypeError("these batches were made from index batches without a len()")
+        return self.length()
+
+
+class Views:
+    """Batches of views of a dataset's images for train.py and linear_eval.py, the same call for an
+    InMemoryImages (views made batched on `device`: BatchAugment, crop_flip) and an on-disk
+    dataset (torchvision's PIL transforms in DataLoader workers).
+
+        views = Views(dataset, image_size, mean_std, jitter=0.5, workers=4, device=device)
+        for x, targets, indices in views.batches(batch_indices, "eval"): ...
+        for (x1, x2), targets, indices in views.batches(batch_indices, "simclr", key, copies=2): ...
+
+    view: "eval" (centre crop, or the image as it is in memory), "simclr" (SimCLR's augmentation,
+    Gaussian blur on disk only) or "crop_flip" (the linear probe's). batch_indices: an iterable of
+    index batches (e.g. a batch sampler). key: integers naming the random stream, e.g. (seed,
+    TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from; on disk the views are a
+    function of (key, image) (a generator's next draw stands for the key). x is on `device`.
+    """
+
+    def __init__(self, dataset, image_size, mean_std, jitter=0.5, workers=0, device="cpu"):
+        self.dataset, self.image_size, self.mean_std = dataset, image_size, mean_std
+        self.jitter, self.workers, self.device = jitter, workers, torch.device(device)
+        self.in_memory = isinstance(dataset, InMemoryImages)
+        self.augment = BatchAugment(image_size, mean_std, jitter) if self.in_memory else None
+
+    def batches(self, batch_indices, view, key=None, copies=1):
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if view != "eval" and key is None:
+            raise ValueError(f"the {view!r} view is random: give the key of its random stream")
+        make = self._in_memory if self.in_memory else self._on_disk
+        return _Sized(make(batch_indices, view, key, copies), getattr(batch_indices, "__len__", None))
+
+    def _in_memory(self, batch_indices, view, key, copies):
+        g = key if isinstance(key, torch.Generator) or key is None else seeded_generator(*key)
+        for idx in batch_indices:
+            idx = torch.as_tensor(idx, dtype=torch.int64)
+            if view == "eval":
+                x = [self.dataset.normalised(idx).to(self.device) for _ in range(copies)]
+            else:
+                images = self.dataset.images[idx].to(self.device, non_blocking=True)    # B x H x W x 3
+                make = self.augment if view == "simclr" else (lambda im, gen: crop_flip(im, self.mean_std, gen))
+                x = [make(images, g) for _ in range(copies)]                              # B x 3 x S x S
+            yield (tuple(x) if copies > 1 else x[0]), self.dataset.targets[idx], idx
+
+    def _on_disk(self, batch_indices, view, key, copies):
+        if isinstance(key, torch.Generator):
+            key = (int(torch.randint(2**62, (1,), generator=key)),)
+        size, mean_std = self.image_size, self.mean_std
+        transform = {"eval": lambda: eval_transform(size, mean_std),
+                     "simclr": lambda: simclr_transform(size, self.jitter, mean_std=mean_std),
+                     "crop_flip": lambda: crop_flip_transform(size, mean_std)}[view]()
+        loader = torch.utils.data.DataLoader(
+            Transformed(self.dataset, transform, copies), batch_sampler=_Keyed(batch_indices, key),
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        to = lambda x: x.to(self.device, non_blocking=True)
+        for x, targets, indices in loader:
+            yield (tuple(map(to, x)) if copies > 1 else to(x)), targets, indices
+
+
+def shard(n, rank, world, batch_size):
+    """This rank's share of indices 0..n-1 in order, as index batches: DistributedSampler's split
+    without shuffling, padded with repeats to equal shares (a repeat lands on its own row again)."""
+    indices = list(torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=False))
+    return torch.as_tensor(indices, dtype=torch.int64).split(batch_size)

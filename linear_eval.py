@@ -152,27 +152,86 @@ def write_result(result, out):
             f.write(json.dumps(result) + "\n")
 
 
+def features_of(encoder, views, n, rank, world, device, amp_dtype):
+    """[n, F] float16 CPU features and [n] targets of a split in the evaluation view, on rank 0;
+    (None, None) elsewhere."""
+    return cluster.extract_features(encoder, views.batches(data.shard(n, rank, world, 512), "eval"), n, device,
+                                    amp_dtype=amp_dtype)
+
+
+def knn(args, encoder, splits, rank, world, device, amp_dtype):
+    """Weighted kNN top-1 (Wu et al. 2018) of the test split against the training split."""
+    (train_views, train_n), (test_views, test_n), num_classes = splits
+    train_features, train_targets = features_of(encoder, train_views, train_n, rank, world, device, amp_dtype)
+    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device, amp_dtype)
+    if rank:
+        return None
+    top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets, k=args.knn_k,
+                            temperature=args.knn_temperature, num_classes=num_classes)
+    return {"mode": "knn", "k": args.knn_k, "temperature": args.knn_temperature, "knn_top1": top1}
+
+
+def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_dtype):
+    """The linear probe, on cached features of the evaluation view (--cached, rank 0 alone: a
+    linear layer on features takes seconds) or on augmented views through the frozen encoder."""
+    (train_views, train_n), (test_views, test_n), num_classes = splits
+    lr = args.lr * args.batch_size / 256
+    classifier = nn.Linear(info["feature_dim"], num_classes)
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
+    classifier = classifier.to(device)
+    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device, amp_dtype)
+    if args.cached:
+        train_features, train_targets = features_of(encoder, train_views, train_n, rank, world, device, amp_dtype)
+        if rank:
+            return None
+        shuffle = torch.Generator().manual_seed(args.seed)
+
+        def batches(epoch):
+            for idx in torch.randperm(train_n, generator=shuffle).split(args.batch_size):
+                yield train_features[idx], train_targets[idx]
+        train_classifier(classifier, batches, epochs, math.ceil(train_n / args.batch_size), lr, args.momentum,
+                         args.weight_decay, device=device)
+    else:
+        model = classifier if world == 1 else nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = torch.utils.data.DistributedSampler(range(train_n), world, rank, shuffle=True, seed=args.seed)
+        per_rank = args.batch_size // world
+
+        def batches(epoch):
+            sampler.set_epoch(epoch)
+            index_batches = torch.tensor(list(sampler)).split(per_rank)
+            for x, y, _ in train_views.batches(index_batches, "crop_flip", key=(args.seed, data.PROBE_VIEWS, epoch, rank)):
+                yield x, y
+        train_classifier(model, batches, epochs, math.ceil(len(sampler) / per_rank), lr, args.momentum,
+                         args.weight_decay, encoder=encoder, device=device, amp_dtype=amp_dtype, master=rank == 0)
+        if rank:
+            return None
+    top1, top5 = evaluate(classifier, test_features, test_targets, device)
+    return {"mode": "cached" if args.cached else "augmented", "epochs": epochs, "batch_size": args.batch_size,
+            "lr": lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "top1": top1, "top5": top5,
+            "world_size": world}
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_distributed()
     master = rank == 0
     torch.manual_seed(args.seed)
     start = time.time()
-
     try:
         encoder, info = load_encoder(args.checkpoint, args.arch, args.dataset)
     except ValueError as e:
         fail(str(e), master)
-    why = check_writable(result_path(args.out)) if args.out and not args.export and master else None
-    if why:
-        fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can write to", master)
     if args.export:
         if master:
             export_encoder(encoder, args.export)
             print(f"wrote the {info['arch']} encoder ({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) "
                   f"to {args.export}")
         return None
-
+    why = check_writable(result_path(args.out)) if args.out and master else None
+    if why:
+        fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can write to", master)
     dataset = args.dataset or info["dataset"]
     if dataset is None:
         fail(f"{args.checkpoint} is a plain state dict: say which data it is for with --dataset", master)
@@ -190,73 +249,29 @@ def main(argv=None):
     in_memory = isinstance(train_set, data.InMemoryImages)
     image_size = train_set.images.shape[1] if in_memory else info["image_size"] or (32 if info["cifar_stem"] else 224)
     mean_std = data.MEAN_STD.get(dataset, data.MEAN_STD["imagenet"])
-    num_classes = len(train_set.classes)
+    views = [data.Views(split, image_size, mean_std, workers=args.workers, device=device)
+             for split in (train_set, test_set)]
+    splits = ((views[0], len(train_set)), (views[1], len(test_set)), len(train_set.classes))
 
-    cuda = device.type == "cuda"
     amp_dtype = runtime.autocast_dtype(device)
     reference = {key: value.clone() for key, value in encoder.state_dict().items()}
     encoder = encoder.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-    def features_of(split):
-        """[N, F] fp16 CPU features and [N] targets of a split, on rank 0; None elsewhere."""
-        batches = data.eval_batches(split, rank, world, image_size, mean_std, args.workers)
-        return cluster.extract_features(encoder, batches, len(split), device, amp_dtype=amp_dtype)
-
-    test_features, test_targets = features_of(test_set)
-    result = {"checkpoint": args.checkpoint, "arch": info["arch"], "dataset": dataset,
-              "checkpoint_epoch": info["epoch"], "train_images": len(train_set), "test_images": len(test_set)}
-
     if args.knn:
-        train_features, train_targets = features_of(train_set)
-        if master:
-            top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets, k=args.knn_k,
-                            temperature=args.knn_temperature, num_classes=num_classes)
-            result.update(mode="knn", k=args.knn_k, temperature=args.knn_temperature, knn_top1=top1,
-                          seconds=time.time() - start)
+        result = knn(args, encoder, splits, rank, world, device, amp_dtype)
     else:
-        lr = args.lr * args.batch_size / 256
-        classifier = nn.Linear(info["feature_dim"], num_classes)
-        nn.init.normal_(classifier.weight, std=0.01)
-        nn.init.zeros_(classifier.bias)
-        classifier = classifier.to(device)
-        if args.cached:
-            train_features, train_targets = features_of(train_set)
-            # A linear layer on cached features takes seconds: rank 0 trains it alone.
-            if world > 1:
-                dist.destroy_process_group()
-            if not master:
-                return None
-            shuffle = torch.Generator().manual_seed(args.seed)
-
-            def batches(epoch):
-                for idx in torch.randperm(len(train_targets), generator=shuffle).split(args.batch_size):
-                    yield train_features[idx], train_targets[idx]
-            train_classifier(classifier, batches, epochs, math.ceil(len(train_targets) / args.batch_size), lr,
-                             args.momentum, args.weight_decay, device=device, master=master)
-            linear = classifier
-        else:
-            linear = classifier
-            if world > 1:
-                classifier = nn.parallel.DistributedDataParallel(classifier,
-                                                                 device_ids=[device.index] if cuda else None)
-            batches, steps_per_epoch = data.augmented_batches(train_set, args.batch_size // world, rank, world,
-                                                         image_size, mean_std, device, args.seed, args.workers)
-            train_classifier(classifier, batches, epochs, steps_per_epoch, lr, args.momentum, args.weight_decay,
-                             encoder=encoder, device=device, amp_dtype=amp_dtype, master=master)
-
+        result = linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_dtype)
         # moco-v3's sanity check: the probe must not have touched the encoder, BN statistics included.
         moved = [key for key, value in encoder.state_dict().items() if not torch.equal(value.cpu(), reference[key])]
         if moved:
             fail(f"the encoder changed during linear evaluation ({describe_keys(moved)}): a bug", master)
-        if master:
-            top1, top5 = evaluate(linear, test_features, test_targets, device)
-            result.update(mode="cached" if args.cached else "augmented", epochs=epochs, batch_size=args.batch_size,
-                          lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, top1=top1, top5=top5,
-                          seconds=time.time() - start, world_size=world, encoder_unchanged=True)
-
+        if result:
+            result["encoder_unchanged"] = True
     if master:
+        result = {"checkpoint": args.checkpoint, "arch": info["arch"], "dataset": dataset,
+                  "checkpoint_epoch": info["epoch"], "train_images": len(train_set), "test_images": len(test_set),
+                  **result, "seconds": time.time() - start}
         write_result(result, args.out)
-    if world > 1 and dist.is_initialized():
+    if world > 1:
         dist.destroy_process_group()
     return result if master else None
 

@@ -1,20 +1,18 @@
-"""Batches of (anchor, partner, same) pairs for SPCL (SPEC.md, "Per epoch", step 2).
+"""Batches of (anchor, partner, same) pairs for SPCL (paper Sec. 3.1 and 3.4).
 
 `PrototypePairSampler` turns one k-means partition of the dataset into an epoch of image pairs,
 about `p_same` of them from one prototype (positives of the metric loss, Eq. 3) and the rest
 from two different prototypes (its negatives). Every image is used once per epoch, as in a
 shuffled SimCLR epoch, so SPCL and SimCLR at the same flags see the same number of images.
-`PairDataset` loads the two images of a pair, two augmented views each.
 
     sampler = PrototypePairSampler(assignments, batch_size=512, num_replicas=W, rank=r)
-    dataset = PairDataset(train_set, simclr_transform)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=8)
     for epoch in ...:
         assignments = ...                      # new k-means partition, int64 [N]
         sampler.set_assignments(assignments); sampler.set_epoch(epoch)
-        dataset.set_assignments(assignments)   # before the loader's iterator is created
-        for a1, a2, b1, b2, same, y_a, y_b, proto_a, proto_b in loader: ...
+        for triples in sampler: ...            # this rank's [(anchor, partner, same), ...]
 
+The sampler yields indices only: the images' views come from data.Views, and each pair's
+prototypes are looked up from the indices, so the dataset never changes between epochs.
 With all-singleton assignments (`torch.arange(N)`) every pair is a uniformly random pair of
 distinct images: plain SimCLR batches through the same code path.
 """
@@ -189,53 +187,3 @@ class PrototypePairSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self._batch_sizes()[0]
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Loads the pairs of `PrototypePairSampler`: two augmented views of each image.
-
-    Args:
-        base: a dataset whose `base[i]` is `(img, target)`, like torchvision's.
-        transform: img -> one augmented view (a tensor); called twice per image.
-
-    `dataset[(a, b, same)]` returns `(a_view1, a_view2, b_view1, b_view2, same, target_a,
-    target_b, proto_a, proto_b)`. Ground-truth targets are for diagnostics only (false-negative
-    similarity, cluster NMI); the prototypes come from `set_assignments` and are 0-d int64
-    tensors, or [H] for several partitions at once. DataLoader workers take a copy of the
-    dataset when the loader's iterator is created, so call `set_assignments` before that, every
-    epoch, and do not use `persistent_workers`.
-    """
-
-    def __init__(self, base, transform):
-        if getattr(base, "transform", None) is not None:
-            raise ValueError("PairDataset applies `transform` itself: give it a base dataset without one "
-                             "(base.transform is set, so every view would be transformed twice)")
-        self.base = base
-        self.transform = transform
-        self.assignments = None
-
-    def set_assignments(self, assignments):
-        """assignments: int64 tensor or array [N], or [N, H] for H partitions (several K)."""
-        assignments = torch.as_tensor(assignments)
-        if assignments.ndim not in (1, 2) or len(assignments) != len(self.base):
-            raise ValueError(
-                f"assignments must be [N] or [N, H] with N = {len(self.base)}, got {tuple(assignments.shape)}"
-            )
-        if assignments.is_floating_point() or assignments.is_complex():
-            raise ValueError(f"assignments must hold integers, got dtype {assignments.dtype}")
-        self.assignments = assignments.to("cpu", torch.int64)
-
-    def __len__(self):
-        return len(self.base)
-
-    def _views(self, index):
-        img, target = self.base[index]
-        return self.transform(img), self.transform(img), target
-
-    def __getitem__(self, triple):
-        if self.assignments is None:
-            raise RuntimeError("call set_assignments() before loading pairs")
-        a, b, same = triple
-        a1, a2, target_a = self._views(a)
-        b1, b2, target_b = self._views(b)
-        return a1, a2, b1, b2, same, target_a, target_b, self.assignments[a], self.assignments[b]

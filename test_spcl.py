@@ -31,8 +31,10 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+import cluster
 import data
 import linear_eval
+import models
 import runtime
 import train
 from cluster import (cluster_means, distributed_kmeans, extract_features, knn_top1, nmi, run_kmeans,
@@ -42,7 +44,7 @@ from linear_eval import evaluate, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
                     symmetric_ce)
 from models import SPCLModel, TrainingStep, build_encoder, export_encoder, load_encoder
-from sampler import PairDataset, PrototypePairSampler
+from sampler import PrototypePairSampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CIFAR10 = os.path.join(HERE, "..", "shared", "data", "cifar10")
@@ -847,40 +849,59 @@ def test_sampler_errors(kwargs, match):
         PrototypePairSampler(**args)
 
 
-# ---------------------------------------------------------------- pair dataset
+# ---------------------------------------------------------------- views of a dataset
 
-def test_pair_dataset_through_a_loader():
-    n = 40
-    base = [(torch.full((1, 2, 2), float(i)), 100 + i) for i in range(n)]  # the image holds its index
-    calls = Counter()
+def _png_folder(root, n=12, size=16):
+    """An ImageFolder tree of n generated PNGs in two classes; pixel (0, 0) holds the image's number."""
+    g = np.random.default_rng(0)
+    for i in range(n):
+        folder = os.path.join(root, "train", f"class{i % 2}")
+        os.makedirs(folder, exist_ok=True)
+        pixels = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        pixels[0, 0] = i
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.png"))
+    return torchvision.datasets.ImageFolder(os.path.join(root, "train"))
 
-    def transform(img):
-        calls[int(img[0, 0, 0])] += 1
-        return img.clone()
 
-    dataset = PairDataset(base, transform)
-    labels = np.arange(n) % 6
+def test_views_in_memory_follow_the_index_batches_and_the_key():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 8, 8, 3).contiguous()
+    dataset = data.InMemoryImages(images, torch.arange(10) % 3, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    views = data.Views(dataset, 8, ((0.5,) * 3, (0.25,) * 3))
+    batches = [torch.tensor([3, 1, 4]), torch.tensor([0, 9])]
+    for (x, targets, idx), want in zip(views.batches(batches, "eval"), batches):
+        assert torch.equal(idx, want) and torch.equal(targets, want % 3)
+        assert torch.allclose(x[:, 0, 0, 0], (want.float() / 255 - 0.5) / 0.25)
+    one = [v for (v, _), _, _ in views.batches(batches, "simclr", key=(0, 1), copies=2)]
+    again = [v for (v, _), _, _ in views.batches(batches, "simclr", key=(0, 1), copies=2)]
+    other = [v for (v, _), _, _ in views.batches(batches, "simclr", key=(0, 2), copies=2)]
+    assert all(torch.equal(a, b) for a, b in zip(one, again))
+    assert not all(torch.equal(a, b) for a, b in zip(one, other))
+    with pytest.raises(ValueError, match="is random: give the key"):
+        views.batches(batches, "crop_flip")
+
+
+def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
+    folder = _png_folder(tmp_path)
+    views = [data.Views(folder, 16, data.MEAN_STD["imagenet"], workers=w) for w in (0, 2)]
+    batches = [[5, 0, 7], [11, 2]]
+    runs = [[(x, idx) for x, _, idx in v.batches(batches, "simclr", key=(3, 0, 1))] for v in views]
+    for (x0, idx0), (x2, idx2), want in zip(*runs, batches):
+        assert idx0.tolist() == want == idx2.tolist()
+        assert torch.equal(x0, x2)                       # same key, same image: the same view
+    (a, b), _, _ = next(iter(views[0].batches([[4, 4]], "simclr", key=(3, 0, 1), copies=2)))
+    assert torch.equal(a[0], a[1]) and not torch.equal(a[0], b[0])     # one image, two draws
+    x, targets, idx = next(iter(views[0].batches([[6, 1]], "eval")))
+    assert x.shape == (2, 3, 16, 16) and targets.tolist() == [folder.targets[6], folder.targets[1]] == [1, 0]
+    assert folder.transform is None                      # no view is ever written into the dataset
+
+
+def test_pair_batches_are_the_anchors_then_their_partners():
+    labels = np.arange(40) % 6
     sampler = PrototypePairSampler(labels, 8, num_replicas=2, rank=1)
-    loader = DataLoader(dataset, batch_sampler=sampler)
-    with pytest.raises(RuntimeError, match="set_assignments"):
-        next(iter(loader))
-    with pytest.raises(ValueError, match="N = 40"):
-        dataset.set_assignments(np.arange(n - 1))
-
-    for protos in (labels, np.stack([labels, np.arange(n) % 3], axis=1)):
-        dataset.set_assignments(torch.from_numpy(protos))
-        for triples, batch in zip(sampler, loader):
-            a1, a2, b1, b2, same, target_a, target_b, proto_a, proto_b = batch
-            a = torch.tensor([t[0] for t in triples])
-            b = torch.tensor([t[1] for t in triples])
-            assert a1.shape == (2, 1, 2, 2)
-            for view, index in ((a1, a), (a2, a), (b1, b), (b2, b)):
-                assert torch.equal(view[:, 0, 0, 0].long(), index)
-            assert same.tolist() == [t[2] for t in triples]
-            assert torch.equal(target_a, 100 + a) and torch.equal(target_b, 100 + b)
-            assert torch.equal(proto_a, torch.from_numpy(protos)[a]) and proto_a.dtype == torch.int64
-            assert torch.equal(proto_b, torch.from_numpy(protos)[b])
-    assert set(calls.values()) == {4}  # two views per image, two passes
+    for triples, idx in zip(sampler, train.pair_batches(sampler)):
+        P = len(triples)
+        assert idx[:P].tolist() == [t[0] for t in triples] and idx[P:].tolist() == [t[1] for t in triples]
+        assert (labels[idx[:P]] == labels[idx[P:]]).astype(int).tolist() == [t[2] for t in triples]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,8 +945,8 @@ def _all_finite(value):
 
 def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, monkeypatch):
     passes = []
-    real_eval_features = train.eval_features
-    monkeypatch.setattr(train, "eval_features", lambda *a: passes.append(len(a[2])) or real_eval_features(*a))
+    real_extract = cluster.extract_features
+    monkeypatch.setattr(cluster, "extract_features", lambda *a, **k: passes.append(a[2]) or real_extract(*a, **k))
     train.main(_train_args(small_cifar, tmp_path, "--knn-every", "1"))
     # Feature passes (train 320, test 80): clustering, kNN; then kNN only, as epoch 1's clustering
     # reuses the train features of epoch 0's kNN pass (same weights).
@@ -1080,22 +1101,11 @@ def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_p
 
 
 def test_on_disk_folder_pipeline_runs(small_cifar, tmp_path):
-    # --dataset folder: PIL transforms in DataLoader workers, pairs through PairDataset.
+    # --dataset folder: PIL transforms in DataLoader workers (data.Views on disk).
     train.main(_train_args(small_cifar, tmp_path, "--dataset", "folder", "--image-size", "32", "--epochs", "1",
                            "--knn-every", "1", "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]
     assert _all_finite(row) and "kmeans_k8" in row and 0 <= row["knn_top1"] <= 100
-
-
-def test_on_disk_datasets_are_never_modified_by_a_view(small_cifar):
-    folder = torchvision.datasets.ImageFolder(os.path.join(small_cifar, "train"))
-    batches = data.eval_batches(folder, 0, 1, 32, data.MEAN_STD["imagenet"], workers=0)
-    assert folder.transform is None
-    x, y, idx = next(iter(batches))
-    assert x.shape == (len(idx), 3, 32, 32) and torch.equal(y, torch.as_tensor(folder.targets)[idx])
-    with pytest.raises(ValueError, match="transformed twice"):
-        PairDataset(torchvision.datasets.ImageFolder(os.path.join(small_cifar, "train"), transform=lambda im: im),
-                    lambda im: im)
 
 
 def test_prototype_heads_restart_identically_whatever_the_global_rng():
@@ -1218,7 +1228,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cif
             total = total * float("nan")
         return total, terms
 
-    monkeypatch.setattr(train, "spcl_loss", diverging)
+    monkeypatch.setattr(models, "spcl_loss", diverging)
     with pytest.raises(SystemExit, match=r"non-finite loss at epoch 2 step 3/5: .*metric=nan"):
         train.main(_train_args(small_cifar, tmp_path))
     after = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

@@ -1,13 +1,16 @@
-"""SPCL pre-training (SPEC.md): one process on a laptop, or DDP under torchrun.
+"""SPCL pre-training (Mo, Sun and Li, BMVC 2021, Sec. 3): one process on a laptop, or DDP under
+torchrun.
 
     python train.py --dataset cifar10 --data ./data --arch resnet18_narrow --epochs 20
     torchrun --nproc_per_node 8 train.py --dataset imagenet --data /path/to/imagenet
 
-Each epoch: cluster the training set (rank 0 runs faiss k-means on every image's features and
-broadcasts the prototypes) -> build same/cross-prototype pair batches -> re-initialise the
-prototype heads -> train on Eq. 5 with LARS. `--w-metric 0 --w-proto 0` is plain SimCLR (no
-clustering, random batches). `--out DIR` holds checkpoint.pth (resumed automatically) and
-metrics.jsonl (one JSON line per epoch, numbered from 1). Ctrl-C stops with a line saying how to resume.
+main() reads as the algorithm: set up and resume, then per epoch (1) the prototypes: k-means on
+every training image's features (Sec. 3.2; rank 0 clusters, every rank gets the assignments),
+with the prototype heads started over; (2) one epoch of Eq. 5 on same/cross-prototype pair
+batches, LARS for the network and its own SGD for the heads; (3) the kNN and similarity monitor;
+(4) metrics.jsonl and checkpoint.pth in --out (resumed automatically). `--w-metric 0 --w-proto 0`
+is plain SimCLR: no clustering, uniformly random pairs. Ctrl-C stops with a line saying how to
+resume.
 """
 import argparse
 import collections
@@ -29,9 +32,9 @@ import runtime
 from lars import LARS
 from losses import CONTRAST_MODES
 from models import ARCHS, SPCLModel, TrainingStep
-from sampler import PairDataset, PrototypePairSampler
+from sampler import PrototypePairSampler
 
-# Defaults that differ by dataset; CIFAR's are the official code's (SPEC.md, "Hyper-parameters").
+# Defaults that differ by dataset; CIFAR's are the official code's (the paper's own were not given).
 DATASET_DEFAULTS = {
     # Colour jitter 0.5 is SimCLR's CIFAR recipe; the official SPCL config uses 1.0 (as ImageNet).
     "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32,
@@ -161,78 +164,34 @@ def fail(message, master=True):
     runtime.fail("train.py", message, master)
 
 
-@torch.no_grad()
-def similarity_probe(args, model, train_set, augment, device, size=2048):
-    """SPEC.md's TP / FN / TN similarities, measured the same way for every method: the mean
-    cosine similarity in projection space between the two views of an image (true positives),
-    of two images of one class (false negatives) and of two classes (true negatives), over a
-    fixed set of training images with fixed views (the same every epoch), in eval mode. A kind of
-    pair that the set lacks (two classes in a one-class dataset) gives None."""
-    g = torch.Generator().manual_seed(4321)
-    idx = torch.randperm(len(train_set), generator=g)[:size].sort().values
-    targets = torch.as_tensor(train_set.targets)[idx]
+# ---------------------------------------------------------------------------------------------
+# The steps of an epoch (main() below calls them in order)
+# ---------------------------------------------------------------------------------------------
+
+def feature_bank(args, model, views, N, epoch, rank, world, device, amp_dtype):
+    """Encoder features [N, F] of the training set (float16, rank 0; None elsewhere) in the
+    evaluation view, or with --cluster-aug in one SimCLR augmentation (the paper, Sec. 3.2)."""
     model.eval()
-    z = []
-    if isinstance(train_set, data.InMemoryImages):
-        images = train_set.images[idx].to(device)
-        for _ in range(2):
-            z.append(torch.cat([model(v.to(memory_format=torch.channels_last))[1].float()
-                                for v in augment(images, g).split(512)]))
+    batches = data.shard(N, rank, world, batch_size=512)
+    if args.cluster_aug:
+        batches = views.batches(batches, "simclr", key=(args.seed, data.CLUSTER_VIEWS, epoch, rank))
     else:
-        with torch.random.fork_rng():         # the PIL transforms draw from torch's global RNG
-            torch.manual_seed(4321)
-            views = data.Transformed(train_set, data.simclr_transform(args.image_size, args.jitter))
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(views, idx.tolist()), batch_size=256,
-                                                 num_workers=args.workers)
-            pairs = [(model(x.to(device))[1].float(), model(x2.to(device))[1].float())
-                     for (x, _, _), (x2, _, _) in zip(loader, loader)]
-        z = [torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])]
+        batches = views.batches(batches, "eval")
+    features = cluster.extract_features(model.encoder, batches, N, device, amp_dtype=amp_dtype)[0]
     model.train()
-    z1, z2 = F.normalize(z[0], dim=1), F.normalize(z[1], dim=1)      # M x 128 each
-    sim = z1 @ z2.T                                                   # M x M: view 1 of i, view 2 of j
-    same_class = (targets[:, None] == targets[None, :]).to(device)
-    other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
-    mean = lambda x: x.mean().item() if x.numel() else None      # None (JSON null): no such pair, e.g. one class
-    return {"sim_tp": mean(sim.diagonal()), "sim_fn": mean(sim[same_class & other]), "sim_tn": mean(sim[~same_class])}
+    return features
 
 
-def eval_features(args, encoder, dataset, rank, world, device, amp_dtype):
-    """Encoder features [N, F] (fp16, rank 0; None elsewhere) of a whole split in the evaluation view."""
-    batches = data.eval_batches(dataset, rank, world, args.image_size, data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"]),
-                                args.workers)
-    return cluster.extract_features(encoder, batches, len(dataset), device, amp_dtype=amp_dtype)[0]
-
-
-def augmented_features(args, encoder, train_set, augment, rank, world, epoch, device, amp_dtype):
-    """As eval_features, from one random SimCLR augmentation of every image (--cluster-aug, the paper)."""
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=False)
-    if isinstance(train_set, data.InMemoryImages):
-        g = data.seeded_generator(args.seed, data.CLUSTER_VIEWS, epoch, rank)
-        batches = data.InMemoryLoader(train_set, list(sampler), 512, augment, g)
-    else:
-        batches = torch.utils.data.DataLoader(data.Transformed(train_set, data.simclr_transform(args.image_size,
-                                                                                                args.jitter)),
-                                              batch_size=512, sampler=sampler,
-                                              num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    return cluster.extract_features(encoder, batches, len(train_set), device, amp_dtype=amp_dtype)[0]
-
-
-def train_batches(args, train_set, sampler, prototypes, augment, pair_set, epoch, rank, device):
-    """Yields (v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H]) on device."""
-    if isinstance(train_set, data.InMemoryImages):
-        g = data.seeded_generator(args.seed, data.TRAIN_VIEWS, epoch, rank)
-        for triples in sampler:
-            t = torch.tensor(triples)                              # P x 3
-            idx = torch.cat([t[:, 0], t[:, 1]])                    # 2P: anchors, then partners
-            images = train_set.images[idx].to(device, non_blocking=True)
-            v1, v2 = augment(images, g), augment(images, g)
-            yield v1, v2, t[:, 2].to(device), prototypes[idx].to(device)
-        return
-    pair_set.set_assignments(prototypes)
-    loader = torch.utils.data.DataLoader(pair_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    for a1, a2, b1, b2, same, _, _, pa, pb in loader:
-        to = lambda *xs: torch.cat(xs).to(device, non_blocking=True)
-        yield to(a1, b1), to(a2, b2), same.to(device), to(pa, pb).view(2 * len(same), -1)
+def prototype_assignments(args, epoch, ks, targets, features, device):
+    """Each image's prototype under each of the H clusterings (Sec. 3.2): assignments int64 [N, H],
+    identical on every rank, and the clustering's statistics. k-means on rank 0's features [N, F];
+    with --prototypes gt, the classes."""
+    if args.prototypes == "gt":
+        return targets[:, None], {}
+    assignments, kmeans_stats = cluster.distributed_kmeans(
+        features, ks, len(targets), seed=args.seed + epoch, niter=args.kmeans_iters, pca_dim=args.pca_dim,
+        device=device)
+    return assignments, {f"kmeans_k{k}": st for k, st in zip(ks, kmeans_stats)}
 
 
 def head_optimizer(model, args):
@@ -261,8 +220,132 @@ def centroid_heads(features, assignments, ks, feature_dim, world, device, temper
     if world > 1:
         flat = torch.cat([w.flatten() for w in weights]).to(device)
         dist.broadcast(flat, src=0)
-        weights = [w.view(k, feature_dim).cpu() for w, k in zip(flat.split([k * feature_dim for k in ks]), ks)]
+        sizes = [k * feature_dim for k in ks]
+        weights = [w.view(k, feature_dim).cpu() for w, k in zip(flat.split(sizes), ks)]
     return weights
+
+
+def restart_heads(args, epoch, model, ks, features, assignments, world, device):
+    """New k-means ids mean nothing to the old heads: start them, and their optimiser, over (Sec.
+    3.5). Returns the heads' new optimiser."""
+    weights = None
+    if args.head_init == "centroids":
+        weights = centroid_heads(features, assignments, ks, model.feature_dim, world, device)
+    model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch), weights)
+    return head_optimizer(model, args)
+
+
+def pair_batches(sampler):
+    """The sampler's (anchor, partner, same) triples -> index batches [2P]: P anchors, then partners."""
+    for triples in sampler:
+        t = torch.tensor(triples)                              # P x 3
+        yield torch.cat([t[:, 0], t[:, 1]])                    # 2P
+
+
+def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device):
+    """One pass over the training set on Eq. 5 (LARS for the network, its own SGD for the prototype
+    heads). Returns the epoch's statistics: mean losses, over the last 20 steps too, lr, speed."""
+    model, optimizer, proto_optimizer, scaler = run["model"], run["optimizer"], run["proto_optimizer"], run["scaler"]
+    sampler, steps = run["sampler"], len(run["sampler"])
+    term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
+        + (["proto"] if use_prototypes and args.w_proto else [])
+    names = ["total"] + term_names
+    sums = torch.zeros(len(names), device=device)
+    recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
+    model.train()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True,
+               leave=False)
+    start = time.time()
+    batches = run["views"].batches(pair_batches(sampler), "simclr", key=(args.seed, data.TRAIN_VIEWS, epoch, rank),
+                                   copies=2)
+    for i, ((v1, v2), _, idx) in enumerate(batches):              # v1, v2: 2P x 3 x S x S
+        step = epoch * steps + i
+        progress["step"] = i + 1
+        lr = runtime.cosine_lr(step, run["total_steps"], run["base_lr"], run["warmup_steps"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch_assignments = assignments[idx]                           # 2P x H
+        P = len(idx) // 2
+        same = (batch_assignments[:P, 0] == batch_assignments[P:, 0]).long().to(device)     # P
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=run["amp_dtype"], enabled=run["amp_dtype"] is not None):
+            loss, terms = run["step_module"](v1, v2, same, batch_assignments.to(device), use_prototypes)
+        # One small collective for all ranks to agree on the logged values and on a NaN stop.
+        values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        values = values.tolist()
+        if not all(math.isfinite(v) for v in values):
+            named = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
+            fail(f"non-finite loss at epoch {epoch + 1} step {i + 1}/{steps}: {named}; "
+                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)", rank == 0)
+        model.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        if proto_optimizer is not None and use_prototypes and args.w_proto:
+            scaler.step(proto_optimizer)
+        scaler.update()
+        sums += torch.tensor(values, device=device)
+        recent.append(values)
+        bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
+                            + f" lr={lr:.3g} img/s={(i + 1) * len(v1) * world / (time.time() - start):.0f}")
+        bar.update()
+    bar.close()
+    seconds = time.time() - start
+    stats = {f"loss_{n}": v for n, v in zip(names, (sums / steps).tolist())}
+    stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent) for j, n in enumerate(names)})
+    stats.update(lr=lr, images_per_second=steps * args.batch_size / seconds, train_seconds=seconds,
+                 images_seen=(epoch + 1) * steps * args.batch_size)
+    return stats
+
+
+@torch.no_grad()
+def similarity_probe(model, views, targets, device, size=2048):
+    """The TP / FN / TN similarities of the paper's Fig. 2b, measured the same way for every
+    method: the mean cosine similarity in projection space between the two views of an image
+    (true positives), of two images of one class (false negatives) and of two classes (true
+    negatives), over a fixed set of training images with fixed views (the same every epoch), in
+    eval mode. A kind of pair that the set lacks (two classes in a one-class dataset) gives None."""
+    g = torch.Generator().manual_seed(4321)
+    idx = torch.randperm(len(targets), generator=g)[:size].sort().values
+    targets = targets[idx].to(device)
+    model.eval()
+    (x1, x2), _, _ = next(iter(views.batches([idx], "simclr", key=g, copies=2)))
+    z1, z2 = (F.normalize(torch.cat([model(v.contiguous(memory_format=torch.channels_last))[1].float()
+                                     for v in x.split(512)]), dim=1) for x in (x1, x2))   # M x 128 each
+    model.train()
+    sim = z1 @ z2.T                                                   # M x M: view 1 of i, view 2 of j
+    same_class = targets[:, None] == targets[None, :]
+    other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
+    mean = lambda x: x.mean().item() if x.numel() else None      # None (JSON null): no such pair
+    return {"sim_tp": mean(sim.diagonal()), "sim_fn": mean(sim[same_class & other]),
+            "sim_tn": mean(sim[~same_class])}
+
+
+def monitor(args, epoch, model, views, test_views, targets, test_targets, num_classes, rank, world, device,
+            amp_dtype):
+    """kNN top-1 on the test set every --knn-every epochs and after the last (Wu et al. 2018), and
+    the similarity probe. Returns (stats, the kNN pass's train features [N, F] on rank 0, whether
+    that pass ran): made with the weights the next epoch starts from, they serve its clustering."""
+    stats, features = {}, None
+    ran = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
+    if ran:
+        model.eval()
+        features = cluster.extract_features(model.encoder, views.batches(data.shard(len(targets), rank, world, 512),
+                                                                          "eval"), len(targets), device,
+                                            amp_dtype=amp_dtype)[0]
+        test_features = cluster.extract_features(
+            model.encoder, test_views.batches(data.shard(len(test_targets), rank, world, 512), "eval"),
+            len(test_targets), device, amp_dtype=amp_dtype)[0]
+        model.train()
+        if rank == 0:
+            stats["knn_top1"] = cluster.knn_top1(features, targets, test_features, test_targets,
+                                                 num_classes=num_classes)
+    if rank == 0:
+        stats.update(similarity_probe(model, views, targets, device))
+    return stats, features, ran
 
 
 def schedule_changes(saved, config):
@@ -328,55 +411,37 @@ def trim_metrics(path, epochs_done, master):
         print(f"{path}: dropped {'; '.join(dropped)}")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    rank, world, device = runtime.setup_distributed()
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
+# ---------------------------------------------------------------------------------------------
+# Set-up: flags, resume point, data, model
+# ---------------------------------------------------------------------------------------------
 
-    # ---- checks that deserve a sentence, not a traceback -------------------------------------
-    problem = check_args(args, world)
-    if problem:
-        fail(problem, master)
-    why = runtime.check_writable(args.out)
-    if why:
-        fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
-    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pth"), os.path.join(args.out, "metrics.jsonl")
-    progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0, checkpoint=ckpt_path)
-
-    # ---- resume: the checkpoint is read before the data, so a finished or refused run costs nothing
-    ks = prototype_counts(args.num_prototypes)
-    config = dict(vars(args), num_prototypes=ks, w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
-    if args.prototypes == "gt":
-        del config["num_prototypes"]          # one per class: known once the data is loaded
-    ckpt = load_checkpoint(ckpt_path, config, master) if os.path.exists(ckpt_path) else None
-    start_epoch = ckpt["epoch"] if ckpt else 0
-    progress["saved_epoch"] = start_epoch
+def resume_point(args, config, world, device, master):
+    """The checkpoint in --out to resume from (None: start afresh), the same on every rank."""
+    path = progress["checkpoint"]
+    ckpt = load_checkpoint(path, config, master) if os.path.exists(path) else None
+    done = ckpt["epoch"] if ckpt else 0
     if world > 1:
         # Every rank must have read the same checkpoint: --out on a filesystem all nodes share.
-        epochs = torch.tensor([start_epoch, -start_epoch], device=device)
+        epochs = torch.tensor([done, -done], device=device)
         dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
         if epochs[0] != -epochs[1]:
             fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
                  f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
-    if start_epoch >= args.epochs:
-        if master:
-            print(f"{args.out} is finished: {ckpt_path} holds epoch {start_epoch} of {args.epochs}, nothing to do "
-                  "(evaluate it with linear_eval.py, or train on with a larger --epochs and --allow-schedule-change)")
-        if world > 1:
-            dist.destroy_process_group()
-        return
-    if master:
-        trim_metrics(metrics_path, start_epoch, master)
+    return ckpt
 
+
+def load_data(args, world, master):
+    """(train set, test set or None): test only for the kNN monitor."""
     if args.download and world > 1 and not master:
         dist.barrier()                        # rank 0 downloads first
     try:
         train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
                                       workers=args.workers)
-        test_set = data.load_dataset(args.dataset, args.data, train=False, workers=args.workers) if args.knn_every else None
+        test_set = (data.load_dataset(args.dataset, args.data, train=False, workers=args.workers)
+                    if args.knn_every else None)
     except data.DataNotFound as e:
-        hint = f", or add --download to fetch {args.dataset} there" if args.dataset in data.SMALL and not args.download else ""
+        hint = (f", or add --download to fetch {args.dataset} there"
+                if args.dataset in data.SMALL and not args.download else "")
         fail(f"{e}{hint}", master)
     except (ValueError, RuntimeError, OSError) as e:
         fail(str(e), master)
@@ -386,22 +451,26 @@ def main(argv=None):
         train_set = data.subset(train_set, args.train_subset, seed=1234)
     except ValueError as e:
         fail(f"--train-subset: {e}", master)
-    in_memory = isinstance(train_set, data.InMemoryImages)
-    targets = torch.as_tensor(train_set.targets)
-    N = len(targets)
-    num_classes = len(train_set.classes)
-    uses_prototypes = bool(args.w_metric or args.w_proto)
-    if args.prototypes == "gt":
-        ks = config["num_prototypes"] = [num_classes]
-        if ckpt and ckpt["config"].get("num_prototypes") != ks:
-            fail(f"{ckpt_path} was trained with another configuration (num_prototypes: checkpoint "
-                 f"{ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another --out or the same flags", master)
-    if uses_prototypes and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
+    return train_set, test_set
+
+
+def prototype_numbers(args, config, ckpt, num_classes, N, master):
+    """The K of each prototype head: --num-prototypes, or the number of classes with --prototypes gt."""
+    ks = config["num_prototypes"] = ([num_classes] if args.prototypes == "gt"
+                                     else prototype_counts(args.num_prototypes))
+    if args.prototypes == "gt" and ckpt and ckpt["config"].get("num_prototypes") != ks:
+        fail(f"{progress['checkpoint']} was trained with another configuration (num_prototypes: checkpoint "
+             f"{ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another --out or the same flags", master)
+    if (args.w_metric or args.w_proto) and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
         fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} images", master)
     if args.batch_size > N:
         fail(f"--batch-size {args.batch_size} exceeds the {N} training images", master)
+    return ks
 
-    # ---- model, optimiser ---------------------------------------------------------------------
+
+def build(args, ks, N, world, device):
+    """The network, the module DDP wraps, LARS for the network and SGD for the prototype heads,
+    the fp16 loss scaler, and the schedule: the training state that main() passes around."""
     cuda = device.type == "cuda"
     model = SPCLModel(args.arch, cifar_stem=args.image_size <= 64, num_prototypes=ks if args.w_proto else ())
     if not args.w_metric:
@@ -417,173 +486,168 @@ def main(argv=None):
     if world > 1:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
         # only then must DDP search the graph for unused parameters.
+        uses_prototypes = bool(args.w_metric or args.w_proto)
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if cuda else None,
             find_unused_parameters=(uses_prototypes and args.proto_start_epoch > 0) or not args.w_con)
     base_lr = args.lr * args.batch_size / 256
     heads = {id(p) for p in model.proto_heads.parameters()}
-    optimizer = LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr, weight_decay=args.weight_decay)
-    proto_optimizer = head_optimizer(model, args)
-    # bf16 where the GPU has it natively (Ampere and later), else fp16 with loss scaling.
     amp_dtype = runtime.autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, int(os.environ.get("RANK", "0")),
+                                   seed=args.seed, p_same=args.p_same)
+    return {"model": model, "step_module": step_module, "base_lr": base_lr, "amp_dtype": amp_dtype,
+            "optimizer": LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr,
+                              weight_decay=args.weight_decay),
+            "proto_optimizer": head_optimizer(model, args),
+            "scaler": torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+            "sampler": sampler, "total_steps": args.epochs * len(sampler),
+            "warmup_steps": round(args.warmup_epochs * len(sampler))}
+
+
+def restore(args, run, ckpt, config, master):
+    """Load a checkpoint into the training state. Returns the k-means assignments of its last
+    epoch (for nmi_prev), or None when it had none."""
+    run["model"].load_state_dict(ckpt["model"])
+    run["optimizer"].load_state_dict(ckpt["optimizer"])
+    if run["proto_optimizer"] is not None:
+        run["proto_optimizer"].load_state_dict(ckpt["proto_optimizer"])
+    if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
+        run["scaler"].load_state_dict(ckpt["scaler"])
+    start_epoch = ckpt["epoch"]
+    if master:
+        # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
+        # the global state is restored for code that adds draws of its own.
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
+                   if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
+                   and k not in ("out", "workers", "stop_after", "allow_schedule_change")]
+        print(f"resumed from {progress['checkpoint']} after epoch {start_epoch} of {args.epochs}"
+              + (f"; changed since: {', '.join(changed)}" if changed else ""))
+        rescheduled = schedule_changes(ckpt["config"], config)
+        if rescheduled:
+            now = runtime.cosine_lr(start_epoch * len(run["sampler"]), run["total_steps"], run["base_lr"],
+                                    run["warmup_steps"])
+            print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): the lr goes "
+                  f"from {ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint's last step to "
+                  f"{now:.4g} now")
+    uses_prototypes = bool(args.w_metric or args.w_proto)
+    if uses_prototypes and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
+        return ckpt["assignments"]        # else the SimCLR epochs' singletons: no clustering
+    return None
+
+
+def save(args, run, epoch, assignments, stats, config):
+    """Append the epoch's line to metrics.jsonl, then write checkpoint.pth atomically (rank 0)."""
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    runtime.atomic_save({"format": CHECKPOINT_FORMAT, "model": run["model"].state_dict(),
+                         "optimizer": run["optimizer"].state_dict(),
+                         "proto_optimizer": run["proto_optimizer"].state_dict() if run["proto_optimizer"] else None,
+                         "scaler": run["scaler"].state_dict(), "epoch": epoch + 1, "assignments": assignments,
+                         "rng": {"cpu": torch.get_rng_state()}, "config": config}, progress["checkpoint"])
+    progress["saved_epoch"] = epoch + 1
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
+                      if not isinstance(v, dict)}))
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = runtime.setup_distributed()
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+    problem = check_args(args, world)
+    if problem:
+        fail(problem, master)
+    why = runtime.check_writable(args.out)
+    if why:
+        fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
+    progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0,
+                    checkpoint=os.path.join(args.out, "checkpoint.pth"))
+
+    # ---- resume: the checkpoint is read before the data, so a finished or refused run costs nothing
+    config = dict(vars(args), num_prototypes=prototype_counts(args.num_prototypes),
+                  w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
+    if args.prototypes == "gt":
+        del config["num_prototypes"]          # one per class: known once the data is loaded
+    ckpt = resume_point(args, config, world, device, master)
+    start_epoch = progress["saved_epoch"] = ckpt["epoch"] if ckpt else 0
+    if start_epoch >= args.epochs:
+        if master:
+            print(f"{args.out} is finished: {progress['checkpoint']} holds epoch {start_epoch} of {args.epochs}, "
+                  "nothing to do (evaluate it with linear_eval.py, or train on with a larger --epochs and "
+                  "--allow-schedule-change)")
+        if world > 1:
+            dist.destroy_process_group()
+        return
+    if master:
+        trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch, master)
+
+    # ---- data, model, optimisers ----------------------------------------------------------------
+    train_set, test_set = load_data(args, world, master)
+    targets, num_classes = torch.as_tensor(train_set.targets), len(train_set.classes)
+    ks = prototype_numbers(args, config, ckpt, num_classes, len(targets), master)
+    run = build(args, ks, len(targets), world, device)
+    mean_std = data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"])
+    run["views"] = data.Views(train_set, args.image_size, mean_std, args.jitter, args.workers, device)
+    test_views = data.Views(test_set, args.image_size, mean_std, workers=args.workers, device=device) \
+        if test_set else None
+    model, amp_dtype = run["model"], run["amp_dtype"]
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         n_scaled = sum(p.numel() for p in model.parameters() if p.ndim > 1)
         print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight decay and "
-              f"trust ratio; {N} images, world size {world}, device {device}, AMP {amp_dtype}")
+              f"trust ratio; {len(targets)} images, world size {world}, device {device}, AMP {amp_dtype}")
+    previous = restore(args, run, ckpt, config, master) if ckpt else None
+    progress["steps"] = len(run["sampler"])
 
-    # ---- resume -------------------------------------------------------------------------------
-    previous = None             # the last epoch's k-means prototypes, for nmi_prev
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if proto_optimizer is not None:
-            proto_optimizer.load_state_dict(ckpt["proto_optimizer"])
-        if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
-            scaler.load_state_dict(ckpt["scaler"])
-        if uses_prototypes and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
-            previous = ckpt["assignments"]        # else the SimCLR epochs' singletons, no clustering
-        if master:
-            # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
-            # the global state is restored for code that adds draws of its own.
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
-                       if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
-                       and k not in ("out", "workers", "stop_after", "allow_schedule_change")]
-            print(f"resumed from {ckpt_path} after epoch {start_epoch} of {args.epochs}"
-                  + (f"; changed since: {', '.join(changed)}" if changed else ""))
-
-    augment = data.BatchAugment(args.image_size, data.MEAN_STD[args.dataset], args.jitter) if in_memory else None
-    pair_set = None if in_memory else PairDataset(train_set, data.simclr_transform(args.image_size, args.jitter))
-    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, rank, seed=args.seed, p_same=args.p_same)
-    steps_per_epoch = len(sampler)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    progress["steps"] = steps_per_epoch
-    rescheduled = schedule_changes(ckpt["config"], config) if ckpt else []
-    if rescheduled and master:
-        print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): the lr goes from "
-              f"{ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint's last step to "
-              f"{runtime.cosine_lr(start_epoch * steps_per_epoch, total_steps, base_lr, warmup_steps):.4g} now")
-
-    # Train features [N, F] on rank 0 (None elsewhere); `reuse` (the same on every rank) says that
-    # the previous epoch's kNN pass made them from the current weights, so clustering can use them.
-    features, reuse = None, False
+    # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ---------------
+    uses_prototypes = bool(args.w_metric or args.w_proto)
+    # [train features] of the last kNN pass (None inside on ranks > 0), made with the weights the
+    # next epoch starts from, so that its clustering needs no feature pass of its own; or None.
+    bank = None
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         stats = {"epoch": epoch + 1}                  # the epoch this line reports, counted from 1
         progress.update(epoch=epoch + 1, step=0)
         use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
-        # ---- 1. prototypes --------------------------------------------------------------------
-        if use_prototypes and args.prototypes == "gt":
-            assignments = targets[:, None]                              # N x 1
-        elif use_prototypes:
-            t0 = time.time()
-            if not reuse:
-                model.eval()
-                features = (augmented_features(args, model.encoder, train_set, augment, rank, world, epoch, device,
-                                               amp_dtype)
-                            if args.cluster_aug else
-                            eval_features(args, model.encoder, train_set, rank, world, device, amp_dtype))
-                model.train()
-            stats["feature_seconds"] = time.time() - t0
-            assignments, kstats = cluster.distributed_kmeans(   # N x H, one column per K
-                features, ks, N, seed=args.seed + epoch, niter=args.kmeans_iters, pca_dim=args.pca_dim, device=device)
-            stats.update({f"kmeans_k{k}": st for k, st in zip(ks, kstats)})
-            stats["cluster_seconds"] = time.time() - t0
-            if master:
-                stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
-                if previous is not None and previous.shape == assignments.shape:
-                    stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+
+        # 1. Prototypes (Sec. 3.2): every image's cluster, or singletons for plain SimCLR.
+        features = None
+        if use_prototypes and args.prototypes == "kmeans":
+            start = time.time()
+            features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets), epoch, rank,
+                                                         world, device, amp_dtype)
+            stats["feature_seconds"] = time.time() - start
+        if use_prototypes:
+            start = time.time()
+            assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features, device)
+            stats.update(cluster_stats)
+            if args.prototypes == "kmeans":
+                stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
+                if master:
+                    stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
+                    if previous is not None and previous.shape == assignments.shape:
+                        stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+            # k-means heads restart after every clustering; a ground-truth head starts once.
+            if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
+                run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features, assignments, world, device)
         else:
-            assignments = torch.arange(N)[:, None]     # all singletons: uniformly random batches
-        if use_prototypes and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
-            # New cluster ids mean nothing to the old heads: start them and their optimiser over.
-            # Ground-truth classes keep their ids: that head starts once and then keeps learning.
-            weights = None
-            if args.head_init == "centroids":
-                weights = centroid_heads(features, assignments, ks, model.feature_dim, world, device)
-            model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch), weights)
-            proto_optimizer = head_optimizer(model, args)
-        sampler.set_assignments(assignments[:, 0])
-        sampler.set_epoch(epoch)
+            assignments = torch.arange(len(targets))[:, None]     # singletons: uniformly random pairs
+        run["sampler"].set_assignments(assignments[:, 0])
+        run["sampler"].set_epoch(epoch)
 
-        # ---- 2. one epoch of Eq. 5 ------------------------------------------------------------
-        model.train()
-        sums = torch.zeros(4, device=device)
-        recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
-        term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
-            + (["proto"] if use_prototypes and args.w_proto else [])
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
-                   dynamic_ncols=True, leave=False)
-        train_start = time.time()
-        for i, (v1, v2, same, protos) in enumerate(train_batches(
-                args, train_set, sampler, assignments, augment, pair_set, epoch, rank, device)):
-            step = epoch * steps_per_epoch + i
-            progress["step"] = i + 1
-            lr = runtime.cosine_lr(step, total_steps, base_lr, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            v1 = v1.contiguous(memory_format=torch.channels_last)
-            v2 = v2.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, terms = step_module(v1, v2, same, protos, use_prototypes)
-            # One small collective for all ranks to agree on the logged values and on a NaN stop.
-            values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
-            if world > 1:
-                dist.all_reduce(values)
-                values /= world
-            values = values.tolist()
-            if not all(math.isfinite(v) for v in values):
-                named = ", ".join(f"{n}={v:.4g}" for n, v in zip(["total"] + term_names, values))
-                fail(f"non-finite loss at epoch {epoch + 1} step {i + 1}/{steps_per_epoch}: {named}; "
-                     f"the last good checkpoint is {ckpt_path} (try a lower --lr)", master)
-            model.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            if proto_optimizer is not None and use_prototypes and args.w_proto:
-                scaler.step(proto_optimizer)
-            scaler.update()
-            sums[:len(values)] += torch.tensor(values, device=device)
-            recent.append(values)
-            bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
-                                + f" lr={lr:.3g} img/s={(i + 1) * v1.shape[0] * world / (time.time() - train_start):.0f}")
-            bar.update()
-        bar.close()
-        train_seconds = time.time() - train_start
-        means = (sums / steps_per_epoch).tolist()[:1 + len(term_names)]
-        stats.update({f"loss_{n}": v for n, v in zip(["total"] + term_names, means)})
-        stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent)
-                      for j, n in enumerate(["total"] + term_names)})
-        stats.update(lr=lr,
-                     images_per_second=steps_per_epoch * args.batch_size / train_seconds,
-                     train_seconds=train_seconds, images_seen=(epoch + 1) * steps_per_epoch * args.batch_size)
+        # 2. One epoch of Eq. 5.
+        stats.update(train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device))
 
-        # ---- 3. kNN monitor, log, checkpoint ---------------------------------------------------
-        features, reuse = None, False
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            model.eval()
-            features = eval_features(args, model.encoder, train_set, rank, world, device, amp_dtype)
-            test_features = eval_features(args, model.encoder, test_set, rank, world, device, amp_dtype)
-            model.train()
-            if master:
-                stats["knn_top1"] = cluster.knn_top1(features, targets, test_features, test_set.targets,
-                                             num_classes=num_classes)
-            reuse = not args.cluster_aug
-        if master:
-            stats.update(similarity_probe(args, model, train_set, augment, device))
+        # 3. Monitor, log, checkpoint.
+        monitor_stats, knn_features, knn_ran = monitor(
+            args, epoch, model, run["views"], test_views, targets,
+            torch.as_tensor(test_set.targets) if test_set else None, num_classes, rank, world, device, amp_dtype)
+        bank = [knn_features] if knn_ran and not args.cluster_aug else None   # --cluster-aug: augmented views
+        stats.update(monitor_stats)
         stats["epoch_seconds"] = time.time() - epoch_start
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            runtime.atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "proto_optimizer": proto_optimizer.state_dict() if proto_optimizer else None,
-                             "scaler": scaler.state_dict(), "epoch": epoch + 1, "assignments": assignments,
-                             "rng": {"cpu": torch.get_rng_state()}, "config": config}, ckpt_path)
-            progress["saved_epoch"] = epoch + 1
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
-                              if not isinstance(v, dict)}))
+            save(args, run, epoch, assignments, stats, config)
         previous = assignments if use_prototypes else None
         if world > 1:
             dist.barrier()
