@@ -207,14 +207,14 @@ def bench_step(device, repeat):
     g = torch.Generator().manual_seed(0)
     v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last) for _ in range(2))
     same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
-    protos = torch.randint(0, 512, (batch, 1), generator=g).to(device)
+    assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
     model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(device, memory_format=torch.channels_last)
     step_module = TrainingStep(model, contrast="per-side")
     optimizer = LARS(model.parameters(), lr=0.1)
 
     def step(use_prototypes):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = step_module(v1, v2, same, protos, use_prototypes)[0]
+            loss = step_module(v1, v2, same, assignments, use_prototypes)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

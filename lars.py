@@ -18,8 +18,13 @@ import torch
 
 class LARS(torch.optim.Optimizer):
     """LARS with momentum; vectorised with torch._foreach_* so a step is a few fused kernels.
-    Like torch.optim's foreach paths, step() uses each p.grad as scratch space (it leaves
-    p.grad scaled); zero the gradients before the next backward as usual.
+
+    Two things to know before copying it:
+    - step() works in place on p.grad (weight decay and trust ratio are applied to it, as in
+      torch.optim's foreach paths): after a step, p.grad holds the scaled update, not the raw
+      gradient. Read or clip gradients before step(), and zero them before the next backward.
+    - All parameters of a group must be on one device (the per-tensor norms are stacked into one
+      tensor); put parameters of several devices in groups of their own.
 
     Args:
         params: iterable of parameters or parameter groups (each group may set its own

@@ -1,17 +1,24 @@
 """The SPCL losses: Eq. 1-5 of Mo, Sun and Li, "Siamese Prototypical Contrastive Learning",
-BMVC 2021 (https://arxiv.org/abs/2208.08819). Imports only torch; copy this file as it is.
+BMVC 2021 (https://arxiv.org/abs/2208.08819), Sec. 3.3-3.6. Imports only torch; copy this file
+as it is.
 
-    nt_xent               Eq. 1-2  SimCLR's contrastive loss, negatives from every rank
+    nt_xent               Eq. 1-2  SimCLR's contrastive loss, negatives from every rank of `group`
     siamese_metric_loss   Eq. 3    binary "same prototype?" on |h_a - h_b| (Koch et al. 2015)
     siamese_pairs                  the view pairs Eq. 3 is applied to in a SPCL batch
     prototype_ce          Eq. 4    cross-entropy against the k-means pseudo labels
     symmetric_ce          Eq. 4    its symmetric variant (Wang et al. 2019, "SCE")
     spcl_loss             Eq. 5    the weighted sum, skipping every term whose weight is 0
 
-Every function checks its input and raises ValueError with a message that says what is wrong.
-The checks of values (NaN, label ranges) cost one host-device synchronisation per call and, under
-DDP, would stop only the rank that sees the bad value while the others wait for it: a training
-loop passes validate=False and checks the all-reduced loss instead (as train.py does).
+Conventions a copier should know:
+- Collectives are explicit. nt_xent and spcl_loss talk to other ranks only when given a process
+  group (`group=dist.group.WORLD` under DDP); then every rank of the group must call them. With
+  group=None (the default) they never communicate, so an evaluation helper on one rank is safe.
+- Under a group, nt_xent returns the global loss with the gradient of this rank's share, which
+  DDP's averaging of gradients turns into the exact global gradient (see nt_xent).
+- Every function checks shapes and raises ValueError with a message that says what is wrong.
+  validate=True (the default) also checks values (NaN, label ranges), which costs a host-device
+  synchronisation per call and, under DDP, would stop only the rank that sees the bad value: a
+  training loop passes validate=False and checks the all-reduced loss instead (as train.py does).
 """
 import math
 
@@ -31,13 +38,16 @@ def _check_finite(name, *tensors):
         raise ValueError(f"{name}: input contains NaN or Inf (a diverged model or bad data upstream)")
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 # torch >= 2.14 names the single-tensor collectives *_single and deprecates the older names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _gather(x, group):
+    """Concatenate x [n, ...] over the ranks of group in rank order -> [W*n, ...], no gradient."""
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0],) + tuple(x.shape[1:]))
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -50,56 +60,51 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x):
-        return _gather(x)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size()
-        local = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-        _reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM)
-        return local
+        local = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),) + tuple(grad.shape[1:]))
+        _reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return local, None
 
 
-def _gather(x):
-    """Concatenate x [n, ...] over all ranks in rank order -> [W*n, ...], without gradients."""
-    if not _distributed():
-        return x
-    out = x.new_empty((dist.get_world_size() * x.shape[0],) + tuple(x.shape[1:]))
-    _all_gather_single(out, x.contiguous())
-    return out
+def gather_with_grad(x, group):
+    """A collective: every rank of group must call it. Concatenates x [n, ...] over the ranks in
+    rank order -> [W*n, ...], keeping the gradient path back to each rank's own slice."""
+    return _GatherWithGrad.apply(x, group)
 
 
-def gather_with_grad(x):
-    """Concatenate x [n, ...] over all ranks in rank order -> [W*n, ...], keeping gradients."""
-    if not _distributed():
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-def nt_xent(z1, z2, temperature=0.5, labels=None, validate=True):
-    """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR): the mean over all 2M views of the global batch of
+def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
+    """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR). With `group` it is a collective: every rank of
+    the group must call it, with the same B. The mean over all 2M views of the global batch of
 
         l_i = -log( exp(sim(z_i, z_i') / t) / sum_{k != i} exp(sim(z_i, z_k) / t) )
 
-    where i' is the other view of the same image and k runs over all 2M views of all ranks.
-    With `labels`, every view k of another image with i's label leaves i's denominator (a known
-    false negative is not pushed away); labels=None, or labels all distinct, is SimCLR exactly.
+    where i' is the other view of the same image and k runs over all 2M views (of all ranks of
+    `group`; of this call alone when group is None). With `labels`, every view k of another image
+    with i's label leaves i's denominator (a known false negative is not pushed away);
+    labels=None, or labels all distinct, is SimCLR exactly.
 
     Args:
         z1, z2: [B, D], the two views of this rank's B images (row j of z1 and z2: image j).
         temperature: t > 0.
         labels: optional [B] int64, e.g. each image's prototype.
+        group: a torch.distributed process group (dist.group.WORLD for all ranks), or None for
+            one process. Never found by itself: a call on one rank alone cannot hang.
         validate: also check the values (NaN / Inf), see the module docstring.
 
     Returns:
         scalar, the loss of the GLOBAL batch (identical on every rank).
 
-    Under torch.distributed every rank scores its own 2B anchors against all 2BW views, and the
-    other ranks' views carry gradients back to their owners. The gradient of the returned value on
-    each rank is that of its local anchors' mean, so DDP's averaging of parameter gradients gives
-    exactly the gradient of the global loss: world size W with B per rank equals world size 1
-    with B*W (same loss, same gradients). All ranks must pass the same B.
+    Gradient convention (group given): the value is the global mean, but its gradient is that of
+    this rank's anchors' share, local mean; the other ranks' views carry their gradients back to
+    their owners. DDP averages parameter gradients over the W ranks, which then gives exactly the
+    gradient of the global loss: world size W with B per rank equals world size 1 with B*W (same
+    loss, same gradients). Without DDP's averaging, divide by nothing and sum nothing: use it
+    under DDP, or all-reduce the gradients with op AVG yourself.
     """
     _check(z1.dim() == 2 and z1.shape == z2.shape,
            f"nt_xent: z1 and z2 must both be [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -113,9 +118,8 @@ def nt_xent(z1, z2, temperature=0.5, labels=None, validate=True):
 
     B = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)              # 2B x D, unit rows
-    z_all = gather_with_grad(z)                              # 2BW x D, rank r's rows at r*2B
-    rank = dist.get_rank() if _distributed() else 0
-    offset = rank * 2 * B
+    z_all = z if group is None else gather_with_grad(z, group)   # 2BW x D, rank r's rows at r*2B
+    offset = 0 if group is None else dist.get_rank(group) * 2 * B
     # Scaling the 2B x D side by 1/t is cheaper than dividing the 2B x 2BW logits.
     logits = (z / temperature) @ z_all.T                     # 2B x 2BW
     logits.diagonal(offset).fill_(float("-inf"))             # k != i: drop each view's self-similarity
@@ -123,15 +127,16 @@ def nt_xent(z1, z2, temperature=0.5, labels=None, validate=True):
     positives = offset + (local + B) % (2 * B)               # column of the other view, i'
     if labels is not None:
         views = torch.cat([labels, labels])                  # 2B, the layout of z
-        same = views[:, None] == _gather(views)[None, :]     # 2B x 2BW, no gradient needed
+        everyone = views if group is None else _gather(views, group)
+        same = views[:, None] == everyone[None, :]           # 2B x 2BW
         same[local, positives] = False                       # i' stays: it is the positive
         logits = logits.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(logits, positives)
-    if _distributed():
+    if group is not None:
         # Report the global mean while keeping the local gradient (see the docstring).
         global_mean = loss.detach().clone()
-        dist.all_reduce(global_mean)
-        global_mean /= dist.get_world_size()
+        dist.all_reduce(global_mean, group=group)
+        global_mean /= dist.get_world_size(group)
         loss = loss + (global_mean - loss.detach())
     return loss
 
@@ -249,10 +254,11 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), 
 CONTRAST_MODES = ("joint", "per-side", "masked")
 
 
-def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
-              w_con=1.0, w_metric=1.0, w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce",
-              same_image_pairs=True, validate=True):
-    """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch.
+def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_heads=(), w_con=1.0, w_metric=1.0,
+              w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce", same_image_pairs=True, group=None,
+              validate=True):
+    """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch. With
+    `group` it is a collective (NT-Xent's negatives): every rank of the group must call it.
 
     The batch holds 2P images laid out as P anchors followed by their P partners.
 
@@ -260,8 +266,8 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
         z1, z2: [2P, D], projections of the two views (Eq. 1-2).
         h1, h2: [2P, F], encoder features of the two views (Eq. 3-4).
         same: [P] of 0/1, whether anchor j and partner j share a prototype (Eq. 3).
-        prototypes: [2P] or [2P, H] int64, each image's prototype under each of H clusterings.
-        metric_head: module [Q, F] -> [Q, 1] (Eq. 3).
+        assignments: [2P] or [2P, H] int64, each image's prototype under each of H clusterings.
+        metric_head: module [Q, F] -> [Q, 1] (Eq. 3); needed when w_metric > 0.
         proto_heads: H modules, head j: [N, F] -> [N, K_j] (Eq. 4); L_proto averages over them.
         w_con, w_metric, w_proto: the weights; a term whose weight is 0 is not computed.
         temperature: NT-Xent's t.
@@ -272,9 +278,11 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
                         negatives from every rank), L_con the mean of the two sides; the official
                         code sums them, which is this at twice w_con;
             "masked"    joint, with every view of an image of the same prototype (first column of
-                        `prototypes`) removed from each view's denominator.
+                        `assignments`) removed from each view's denominator.
         proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
-        same_image_pairs: see siamese_pairs.  validate: passed to every term (see above).
+        same_image_pairs: see siamese_pairs.
+        group: process group for NT-Xent's negatives (see nt_xent), or None for one process.
+        validate: passed to every term (see the module docstring).
 
     Returns:
         (total scalar with gradient, {term name: detached scalar} for each computed term).
@@ -286,25 +294,28 @@ def spcl_loss(z1, z2, h1, h2, same, prototypes, metric_head, proto_heads, *,
            f"spcl_loss: z1 and h1 must hold 2P rows (P anchors, then P partners), got {tuple(z1.shape)} "
            f"and {tuple(h1.shape)}")
     P = h1.shape[0] // 2
-    if prototypes.dim() == 1:
-        prototypes = prototypes[:, None]                     # 2P x H
+    if assignments.dim() == 1:
+        assignments = assignments[:, None]                   # 2P x H
     terms = {}
     if w_con and contrast == "per-side":
-        sides = [nt_xent(z1[s], z2[s], temperature, validate=validate) for s in (slice(0, P), slice(P, None))]
+        sides = [nt_xent(z1[s], z2[s], temperature, group=group, validate=validate)
+                 for s in (slice(0, P), slice(P, None))]
         terms["con"] = (w_con, (sides[0] + sides[1]) / 2)
     elif w_con:
-        labels = prototypes[:, 0] if contrast == "masked" else None
-        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, validate=validate))
+        labels = assignments[:, 0] if contrast == "masked" else None
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, group=group, validate=validate))
     if w_metric:
+        _check(metric_head is not None, "spcl_loss: w_metric > 0 needs a metric_head")
         left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)
         terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label, validate))
     if w_proto:
-        _check(prototypes.shape == (h1.shape[0], len(proto_heads)),
-               f"spcl_loss: prototypes must be [2P, H]=[{h1.shape[0]}, {len(proto_heads)}] "
-               f"(one column per prototype head), got {tuple(prototypes.shape)}")
+        _check(assignments.shape == (h1.shape[0], len(proto_heads)),
+               f"spcl_loss: assignments must be [2P, H]=[{h1.shape[0]}, {len(proto_heads)}] "
+               f"(one column per prototype head), got {tuple(assignments.shape)}")
         ce = prototype_ce if proto_loss == "ce" else symmetric_ce
         h = torch.cat([h1, h2])                              # 4P x F, every view
-        per_head = [ce(head(h), prototypes[:, j].repeat(2), validate=validate) for j, head in enumerate(proto_heads)]
+        per_head = [ce(head(h), assignments[:, j].repeat(2), validate=validate)
+                    for j, head in enumerate(proto_heads)]
         terms["proto"] = (w_proto, torch.stack(per_head).mean())
     total = sum(w * value for w, value in terms.values())
     return total, {name: value.detach() for name, (_, value) in terms.items()}

@@ -102,17 +102,17 @@ class TrainingStep(nn.Module):
     """One forward gives Eq. 5's loss: the module DDP wraps, so that every parameter that the loss
     uses runs inside its forward() and gets its gradient synchronised.
 
-    forward(v1, v2 [2P, 3, S, S], same [P], prototypes [2P, H], use_prototypes) -> (loss, terms),
+    forward(v1, v2 [2P, 3, S, S], same [P], assignments [2P, H], use_prototypes) -> (loss, terms),
     the two views of P anchors followed by their P partners. use_prototypes False drops Eq. 3 and
     4 (plain SimCLR, as in the warm-up epochs of --proto-start-epoch). loss_settings: the keyword
-    arguments of losses.spcl_loss (w_con, w_metric, w_proto, temperature, contrast, ...).
+    arguments of losses.spcl_loss (w_con, w_metric, w_proto, temperature, contrast, group, ...).
     """
 
     def __init__(self, model, **loss_settings):
         super().__init__()
         self.model, self.loss_settings = model, loss_settings
 
-    def forward(self, v1, v2, same, prototypes, use_prototypes):
+    def forward(self, v1, v2, same, assignments, use_prototypes):
         h, z = self.model(torch.cat([v1, v2]))             # 4P x F, 4P x 128: one pass, both views
         h1, h2 = h.float().chunk(2)
         z1, z2 = z.float().chunk(2)
@@ -123,8 +123,8 @@ class TrainingStep(nn.Module):
         # are not validated here (a NaN on one rank would stop it alone); train.py checks the
         # all-reduced loss instead.
         with torch.autocast(v1.device.type, enabled=False):
-            return spcl_loss(z1, z2, h1, h2, same, prototypes, self.model.metric_head, self.model.proto_heads,
-                             **settings, validate=False)
+            return spcl_loss(z1, z2, h1, h2, same=same, assignments=assignments, metric_head=self.model.metric_head,
+                             proto_heads=self.model.proto_heads, **settings, validate=False)
 
 
 def describe_keys(keys, limit=3):

@@ -140,8 +140,12 @@ def _ddp_nt_xent_worker(rank, world_size, x1, x2, state, out_dir):
     mine = slice(rank * B, (rank + 1) * B)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # no deprecated collectives, no other warning
-        loss = nt_xent(ddp(x1[mine]), ddp(x2[mine]), temperature=0.3)
+        if rank == 0:       # no group: one rank alone computes its own batch's loss, no collective
+            alone = nt_xent(x1[mine], x2[mine], temperature=0.3)
+        loss = nt_xent(ddp(x1[mine]), ddp(x2[mine]), temperature=0.3, group=dist.group.WORLD)
         loss.backward()
+    if rank == 0:
+        assert torch.allclose(alone, _naive_nt_xent(x1[mine], x2[mine], 0.3), atol=1e-9)
     torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -257,7 +261,8 @@ def test_spcl_loss_contrast_modes_match_naive_loops():
                 "per-side": (_naive_nt_xent(z1[:P], z2[:P], t) + _naive_nt_xent(z1[P:], z2[P:], t)) / 2,
                 "masked": _naive_masked_nt_xent(z1, z2, protos[:, 0], t)}
     for mode, value in expected.items():
-        total, terms = spcl_loss(z1, z2, h1, h2, same, protos, metric_head, proto_heads, w_metric=0, w_proto=0,
+        total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=metric_head,
+                                 proto_heads=proto_heads, w_metric=0, w_proto=0,
                                  temperature=t, contrast=mode)
         assert torch.allclose(total, value, atol=1e-5), mode
     assert len({round(float(v), 6) for v in expected.values()}) == 3      # three different losses
@@ -271,7 +276,8 @@ def _ddp_contrast_worker(rank, world_size, x1, x2, labels, state, mode, out_dir)
     # This rank's batch: its P anchors, then their P partners (global layout: all anchors first).
     mine = torch.cat([torch.arange(rank * P, (rank + 1) * P), world_size * P + torch.arange(rank * P, (rank + 1) * P)])
     z1, z2 = ddp(x1[mine]), ddp(x2[mine])
-    loss, _ = spcl_loss(z1, z2, z1, z2, torch.zeros(P), labels[mine], None, [], w_metric=0, w_proto=0,
+    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(P), assignments=labels[mine], w_metric=0, w_proto=0,
+                        group=dist.group.WORLD,
                         temperature=0.3, contrast=mode)
     loss.backward()
     torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
@@ -287,7 +293,7 @@ def test_contrast_modes_world_size_2_equal_world_size_1(tmp_path, mode):
     model = nn.Linear(5, 3).double()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     z1, z2 = model(x1), model(x2)
-    loss, _ = spcl_loss(z1, z2, z1, z2, torch.zeros(8), labels, None, [], w_metric=0, w_proto=0,
+    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(8), assignments=labels, w_metric=0, w_proto=0,
                         temperature=0.3, contrast=mode)
     loss.backward()
     _spawn(_ddp_contrast_worker, 2, tmp_path, x1, x2, labels, state, mode, str(tmp_path))
@@ -307,9 +313,15 @@ def _spcl_inputs(P=4, F=6, D=3, heads=(5, 3)):
     return z1, z2, h1, h2, same, protos, nn.Linear(F, 1), [nn.Linear(F, k) for k in heads]
 
 
+def _spcl_call(**overrides):
+    z1, z2, h1, h2, same, protos, metric_head, proto_heads = _spcl_inputs()
+    kwargs = dict(same=same, assignments=protos, metric_head=metric_head, proto_heads=proto_heads)
+    return spcl_loss(z1, z2, h1, h2, **{**kwargs, **overrides})
+
+
 def test_spcl_loss_is_the_weighted_sum_of_the_terms():
     z1, z2, h1, h2, same, protos, metric_head, proto_heads = _spcl_inputs()
-    total, terms = spcl_loss(z1, z2, h1, h2, same, protos, metric_head, proto_heads,
+    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=metric_head, proto_heads=proto_heads,
                              w_con=0.5, w_metric=0.1, w_proto=2.0, temperature=0.2, proto_loss="sce")
     con = nt_xent(z1, z2, 0.2)
     metric = siamese_metric_loss(metric_head, *siamese_pairs(h1, h2, same))
@@ -329,7 +341,8 @@ class _MustNotRun(nn.Module):
 
 def test_spcl_loss_skips_zero_weight_terms():
     z1, z2, h1, h2, same, protos, _, _ = _spcl_inputs()
-    total, terms = spcl_loss(z1, z2, h1, h2, same, protos, _MustNotRun(), [_MustNotRun()],
+    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=_MustNotRun(),
+                             proto_heads=[_MustNotRun()],
                              w_metric=0, w_proto=0)
     assert set(terms) == {"con"}
     assert torch.allclose(total, nt_xent(z1, z2))
@@ -349,8 +362,10 @@ def test_spcl_loss_skips_zero_weight_terms():
     (lambda: prototype_ce(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), "at least 1"),
     (lambda: symmetric_ce(torch.full((2, 3), float("nan")), torch.tensor([0, 1])), "NaN or Inf"),
     (lambda: symmetric_ce(torch.randn(2, 3), torch.tensor([0.0, 1.0])), "integer"),
-    (lambda: spcl_loss(*_spcl_inputs()[:7], [nn.Linear(6, 5)]), r"prototypes must be \[2P, H\]"),
-    (lambda: spcl_loss(*_spcl_inputs(), proto_loss="focal"), "proto_loss"),
+    (lambda: _spcl_call(proto_heads=[nn.Linear(6, 5)]), r"assignments must be \[2P, H\]"),
+    (lambda: _spcl_call(proto_loss="focal"), "proto_loss"),
+    (lambda: _spcl_call(contrast="sideways"), "contrast must be one of"),
+    (lambda: _spcl_call(metric_head=None), "w_metric > 0 needs a metric_head"),
 ])
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):

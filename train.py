@@ -482,7 +482,8 @@ def build(args, ks, N, world, device):
         args.pca_dim = min(256, model.feature_dim // 2)    # whitening at full rank would make noise signal
     step_module = TrainingStep(model, w_con=args.w_con, w_metric=args.w_metric, w_proto=args.w_proto,
                                temperature=args.temperature, contrast=args.contrast, proto_loss=args.proto_loss,
-                               same_image_pairs=not args.no_same_image_pairs)
+                               same_image_pairs=not args.no_same_image_pairs,
+                               group=dist.group.WORLD if world > 1 else None)
     if world > 1:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
         # only then must DDP search the graph for unused parameters.
