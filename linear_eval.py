@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -276,15 +275,10 @@ def main(argv=None):
     return result if master else None
 
 
+def interrupted_message():
+    return ("linear_eval.py: interrupted; nothing was written (the result is appended to --out at the end), "
+            "so run the command again")
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        for bar in list(tqdm._instances):       # clear the progress bar's half line
-            bar.close()
-        if os.environ.get("RANK", "0") == "0":
-            print("linear_eval.py: interrupted; nothing was written (the result is appended to --out at the end), "
-                  "so run the command again", file=sys.stderr)
-        sys.exit(130)
-    except data.DataError as e:                 # raised in a DataLoader worker: a traceback around it
-        sys.exit(f"linear_eval.py: error: {e.sentence()}")
+    runtime.run_script(main, "linear_eval.py", interrupted_message)

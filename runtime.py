@@ -15,6 +15,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
+
+import data
 
 
 def setup_distributed(timeout_minutes=60):
@@ -123,3 +126,19 @@ def cosine_lr(step, total_steps, base_lr, warmup_steps=0):
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_script(main, program, interrupted_message):
+    """Run a script's main() so that its two ways of ending outside main() take one line: Ctrl-C
+    (exit 130, rank 0 prints interrupted_message()) and an unreadable file met in a DataLoader
+    worker (whose error arrives wrapped in the worker's traceback)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        for bar in list(tqdm._instances):       # clear the progress bar's half line
+            bar.close()
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_message(), file=sys.stderr)
+        sys.exit(130)
+    except data.DataError as e:
+        sys.exit(f"{program}: error: {e.sentence()}")

@@ -17,7 +17,6 @@ import collections
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -670,13 +669,4 @@ def interrupted_message():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        for bar in list(tqdm._instances):       # clear the progress bar's half line
-            bar.close()
-        if os.environ.get("RANK", "0") == "0":
-            print(interrupted_message(), file=sys.stderr)
-        sys.exit(130)
-    except data.DataError as e:                 # raised in a DataLoader worker: a traceback around it
-        sys.exit(f"train.py: error: {e.sentence()}")
+    runtime.run_script(main, "train.py", interrupted_message)
