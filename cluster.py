@@ -1,7 +1,9 @@
-"""Prototypes: k-means on encoder features at the start of every epoch (SPEC.md, "Per epoch", 1).
+"""Prototypes (paper Sec. 3.2): k-means on encoder features at the start of every epoch; and the
+kNN monitor, which reads the same features.
 
     features, targets = extract_features(encoder, loader, N, device)  # rank 0; None elsewhere
     assignments, stats = distributed_kmeans(features, [K], N, seed=seed + epoch, device=device)  # [N, 1]
+    top1 = knn_top1(features, targets, test_features, test_targets)   # rank 0
 
 The features are gathered onto rank 0 only, batch by batch, into one [N, F] buffer (fp16 by
 default: 5.2 GB for ImageNet with a ResNet-50), which is the only full copy on any process.

@@ -1,5 +1,5 @@
-"""Evaluation of a pre-trained encoder (SPEC.md, "Linear evaluation"): the linear probe, the
-weighted kNN monitor, and export to a plain torchvision state dict.
+"""Evaluation of a pre-trained encoder: the linear probe (the protocol of SimCLR and moco-v3),
+the weighted kNN, and export to a plain encoder state dict.
 
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --cached --out runs/spcl
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --knn --out runs/spcl

@@ -1,4 +1,4 @@
-"""The SPCL network (SPEC.md, "Notation"): a ResNet encoder f and three heads on its features.
+"""The SPCL network (paper Sec. 3.1): a ResNet encoder f and three heads on its features.
 
     h = f(x)                  encoder features                      [B, F]
     z = g(h)                  projection head (SimCLR), Eq. 1-2     [B, 128]
