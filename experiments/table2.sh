@@ -21,28 +21,11 @@ OUT=${OUT:-results/cifar10_e${EPOCHS}}
 COMMON=(--dataset cifar10 --data "$DATA" --arch resnet18_narrow --epochs "$EPOCHS" --batch-size 512
         --warmup-epochs 1 --knn-every 1 --workers 2)
 
-declare -A ROWS=(
-  [simclr_s0]="--w-metric 0 --w-proto 0 --seed 0"
-  [simclr_s1]="--w-metric 0 --w-proto 0 --seed 1"
-  [spcl_s0]="--seed 0 --proto-start-epoch $PS"
-  [spcl_s1]="--seed 1 --proto-start-epoch $PS"
-  [spcl_sce_s0]="--seed 0 --proto-start-epoch $PS --proto-loss sce"
-  [spcl_gt_s0]="--seed 0 --prototypes gt"
-  [supervised_s0]="--seed 0 --prototypes gt --w-con 0 --w-metric 0"
-  [spcl_metric0.1_s0]="--seed 0 --proto-start-epoch $PS --w-metric 0.1"
-  [spcl_proto0.1_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0.1"
-  [spcl_no_metric_s0]="--seed 0 --proto-start-epoch $PS --w-metric 0"
-  [spcl_no_proto_s0]="--seed 0 --proto-start-epoch $PS --w-proto 0"
-  [spcl_k10_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 10"
-  [spcl_k50_s0]="--seed 0 --proto-start-epoch $PS --num-prototypes 50"
-  # The contrastive term and the heads (see README, "SPCL against SimCLR"). SPCL's default
-  # --contrast is per-side; SimCLR's is joint.
-  [simclr_perside_s0]="--w-metric 0 --w-proto 0 --seed 0 --contrast per-side"
-  [spcl_joint_s0]="--seed 0 --proto-start-epoch $PS --contrast joint"
-  [spcl_masked_s0]="--seed 0 --proto-start-epoch $PS --contrast masked"
-  [spcl_perside_sum_s0]="--seed 0 --proto-start-epoch $PS --w-con 2"
-  [spcl_centroids_s0]="--seed 0 --proto-start-epoch $PS --head-init centroids"
-)
+declare -A ROWS
+while read -r name flags; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  ROWS[$name]=${flags//\$PS/$PS}
+done < experiments/table2_rows.txt
 ORDER=(random simclr_s0 spcl_s0 simclr_s1 spcl_s1 spcl_sce_s0 spcl_gt_s0 supervised_s0
        spcl_metric0.1_s0 spcl_proto0.1_s0 spcl_no_metric_s0 spcl_no_proto_s0 spcl_k10_s0 spcl_k50_s0)
 [ $# -gt 0 ] && ORDER=("$@")
