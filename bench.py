@@ -41,7 +41,8 @@ from losses import nt_xent
 from models import SPCLModel, TrainingStep
 from sampler import PrototypePairSampler
 
-CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10")
+CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
+                       "cifar10")
 
 
 def _sync(device):
@@ -63,7 +64,8 @@ def timed(fn, device, repeat):
 
 
 def interleaved(fns, device, repeat):
-    """Median seconds of each function, run in turns so that drifting machine load hits all alike."""
+    """Median seconds of each function, run in turns so that drifting machine load hits
+    all alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -122,7 +124,8 @@ def reference_nt_xent(z1, z2, temperature):
 
 def bench_nt_xent(device, repeat):
     print("== nt_xent: forward+backward, D=128, ours / reference (target <= 1.10 time and memory)")
-    print(f"{'2B':>6} {'ref ms':>9} {'ours ms':>9} {'time x':>7} {'ref MiB':>9} {'ours MiB':>9} {'mem x':>6} {'growth':>7}")
+    print(f"{'2B':>6} {'ref ms':>9} {'ours ms':>9} {'time x':>7} {'ref MiB':>9} {'ours MiB':>9} "
+          f"{'mem x':>6} {'growth':>7}")
     previous = None
     for two_b in (512, 1024, 2048, 4096):
         g = torch.Generator(device=device).manual_seed(two_b)
@@ -142,8 +145,10 @@ def bench_nt_xent(device, repeat):
 
 
 def bench_lars(device, repeat):
-    print("== lars: one optimiser step on resnet50's parameters, LARS / SGD(momentum=0.9) (target <= 1.50)")
-    params = [torch.nn.Parameter(p.detach().to(device)) for p in torchvision.models.resnet50().parameters()]
+    print("== lars: one optimiser step on resnet50's parameters, LARS / SGD(momentum=0.9) "
+          "(target <= 1.50)")
+    params = [torch.nn.Parameter(p.detach().to(device))
+              for p in torchvision.models.resnet50().parameters()]
     for p in params:
         p.grad = torch.randn_like(p)
     sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6)
@@ -163,30 +168,36 @@ def bench_kmeans(device, repeat):
         KMeans = None
         print("scikit-learn is not installed: pip install scikit-learn for the comparison")
     faiss_s, sklearn_s = [], []
-    for _ in range(2):                                 # in turns, best of two: the machine may be shared
+    for _ in range(2):  # in turns, best of two: the machine may be shared
         faiss_s.append(run_kmeans(x, 1000, seed=0, niter=20, pca_dim=0)[2]["seconds"])
         if KMeans is not None:
             start = time.perf_counter()
-            KMeans(1000, init="random", n_init=1, max_iter=20, tol=0, algorithm="lloyd", random_state=0).fit(x)
+            KMeans(1000, init="random", n_init=1, max_iter=20, tol=0, algorithm="lloyd",
+                   random_state=0).fit(x)
             sklearn_s.append(time.perf_counter() - start)
     line = f"100k x 128, K=1000, 20 iterations: faiss {min(faiss_s):.2f} s"
     if sklearn_s:
-        line += f", scikit-learn {min(sklearn_s):.2f} s, ratio scikit-learn / faiss {min(sklearn_s) / min(faiss_s):.2f}"
+        line += (f", scikit-learn {min(sklearn_s):.2f} s, ratio scikit-learn / faiss "
+                 f"{min(sklearn_s) / min(faiss_s):.2f}")
     print(line)
     # ReLU features of a 10-class mixture, shaped like ResNet-18 features of CIFAR-10.
     rng = np.random.default_rng(0)
-    feats = np.maximum(rng.normal(size=(10, 512))[rng.integers(0, 10, 50_000)] + rng.normal(size=(50_000, 512)), 0)
+    feats = np.maximum(rng.normal(size=(10, 512))[rng.integers(0, 10, 50_000)]
+                       + rng.normal(size=(50_000, 512)), 0)
     stats = run_kmeans(feats.astype(np.float32), 512, seed=0)[2]
-    print(f"run_kmeans 50k x 512 -> PCA 256, K=512: {stats['preprocess_seconds'] + stats['seconds']:.2f} s "
-          f"(PCA and checks {stats['preprocess_seconds']:.2f} s); "
-          f"cluster sizes {stats['size_min']}..{stats['size_max']}, {stats['empty_clusters']} empty")
+    print(f"run_kmeans 50k x 512 -> PCA 256, K=512: "
+          f"{stats['preprocess_seconds'] + stats['seconds']:.2f} s "
+          f"(PCA and checks {stats['preprocess_seconds']:.2f} s); cluster sizes "
+          f"{stats['size_min']}..{stats['size_max']}, {stats['empty_clusters']} empty")
 
 
 def bench_sampler(device, repeat):
-    print("== sampler: one epoch of pairs at ImageNet size, batch 4096 over 8 ranks (target <= 1 s)")
+    print("== sampler: one epoch of pairs at ImageNet size, batch 4096 over 8 ranks "
+          "(target <= 1 s)")
     n = 1_281_167
     rng = np.random.default_rng(0)
-    for name, assignments in [("K=1000", rng.integers(0, 1000, n)), ("K=10000", rng.integers(0, 10_000, n)),
+    for name, assignments in [("K=1000", rng.integers(0, 1000, n)),
+                              ("K=10000", rng.integers(0, 10_000, n)),
                               ("singletons (SimCLR)", np.arange(n))]:
         sampler = PrototypePairSampler(assignments, 4096, num_replicas=8, rank=0)
         start = time.perf_counter()
@@ -195,8 +206,9 @@ def bench_sampler(device, repeat):
         pairs = sampler.global_pairs()
         built = time.perf_counter() - start
         batches = list(sampler)
-        print(f"{name:>20}: built in {built:.2f} s, with this rank's {len(batches)} batches as lists "
-              f"{time.perf_counter() - start:.2f} s; same share {pairs[:, 2].mean():.3f}")
+        print(f"{name:>20}: built in {built:.2f} s, with this rank's {len(batches)} batches "
+              f"as lists {time.perf_counter() - start:.2f} s; "
+              f"same share {pairs[:, 2].mean():.3f}")
 
 
 def bench_step(device, repeat):
@@ -205,10 +217,12 @@ def bench_step(device, repeat):
           "SPCL / SimCLR (target <= 1.10)")
     amp = torch.bfloat16 if device.type == "cuda" else None
     g = torch.Generator().manual_seed(0)
-    v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(device, memory_format=torch.channels_last) for _ in range(2))
+    v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(
+        device, memory_format=torch.channels_last) for _ in range(2))
     same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
     assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
-    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(device, memory_format=torch.channels_last)
+    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(
+        device, memory_format=torch.channels_last)
     step_module = TrainingStep(model, contrast="per-side")
     optimizer = LARS(model.parameters(), lr=0.1)
 
@@ -220,55 +234,66 @@ def bench_step(device, repeat):
         optimizer.step()
 
     t_simclr, t_spcl = interleaved([lambda: step(False), lambda: step(True)], device, repeat)
-    print(f"SimCLR {t_simclr * 1e3:.1f} ms, SPCL {t_spcl * 1e3:.1f} ms, ratio {t_spcl / t_simclr:.3f}")
+    print(f"SimCLR {t_simclr * 1e3:.1f} ms, SPCL {t_spcl * 1e3:.1f} ms, "
+          f"ratio {t_spcl / t_simclr:.3f}")
 
 
 def bench_augment(device, repeat):
-    print("== augment: SimCLR views / s on one core, BatchAugment / torchvision PIL transforms (target >= 1.0)")
+    print("== augment: SimCLR views / s on one core, BatchAugment / torchvision PIL transforms "
+          "(target >= 1.0)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     if os.path.isdir(os.path.join(CIFAR10, "test")):
         images = data.load_dataset("cifar10", CIFAR10, train=False, workers=2).images[:512]
     pil_images = [data.Image.fromarray(a.numpy()) for a in images]
     pil = data.simclr_transform(32, strength=0.5, blur=False, mean_std=data.MEAN_STD["cifar10"])
     batched = data.BatchAugment(32, data.MEAN_STD["cifar10"])
     g = torch.Generator().manual_seed(0)
-    t_pil, t_batch = interleaved([lambda: [pil(im) for im in pil_images], lambda: batched(images, g)],
+    t_pil, t_batch = interleaved([lambda: [pil(im) for im in pil_images],
+                                  lambda: batched(images, g)],
                                  torch.device("cpu"), max(1, repeat // 3))
     torch.set_num_threads(threads)
-    print(f"PIL {len(images) / t_pil:.0f} views/s, BatchAugment {len(images) / t_batch:.0f} views/s, "
-          f"ratio {t_pil / t_batch:.2f}")
+    print(f"PIL {len(images) / t_pil:.0f} views/s, BatchAugment {len(images) / t_batch:.0f} "
+          f"views/s, ratio {t_pil / t_batch:.2f}")
 
 
 def bench_epoch(device, repeat):
-    print("== epoch: one SPCL epoch, small CPU configuration, real CIFAR-10 (targets: feature pass <= 20%, "
-          "k-means <= 2% of the epoch)")
+    print("== epoch: one SPCL epoch, small CPU configuration, real CIFAR-10 (targets: feature "
+          "pass <= 20%, k-means <= 2% of the epoch)")
     if not os.path.isdir(os.path.join(CIFAR10, "train")):
         print(f"skipped: needs the CIFAR-10 images in {CIFAR10}")
         return
     with tempfile.TemporaryDirectory() as out:
         # Epoch 1 of 2: its clustering runs on a trained encoder, like every epoch after the first.
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--dataset", "cifar10", "--data", CIFAR10, "--arch",
-                        "resnet18_narrow", "--epochs", "2", "--batch-size", "512", "--num-prototypes", "512",
+        subprocess.run([sys.executable,
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                        "--dataset", "cifar10", "--data", CIFAR10, "--arch", "resnet18_narrow",
+                        "--epochs", "2", "--batch-size", "512", "--num-prototypes", "512",
                         "--warmup-epochs", "1", "--out", out], check=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             row = [json.loads(line) for line in f][-1]
     kmeans = row["kmeans_k512"]["seconds"]
     epoch = row["epoch_seconds"]
-    print(f"epoch {epoch:.1f} s ({row['images_per_second']:.0f} images/s in training); feature pass "
-          f"{row['feature_seconds']:.1f} s = {100 * row['feature_seconds'] / epoch:.1f}%, k-means {kmeans:.2f} s = "
+    print(f"epoch {epoch:.1f} s ({row['images_per_second']:.0f} images/s in training); "
+          f"feature pass {row['feature_seconds']:.1f} s = "
+          f"{100 * row['feature_seconds'] / epoch:.1f}%, k-means {kmeans:.2f} s = "
           f"{100 * kmeans / epoch:.2f}%")
 
 
-SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans, "sampler": bench_sampler,
-            "step": bench_step, "augment": bench_augment, "epoch": bench_epoch}
+SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans,
+            "sampler": bench_sampler, "step": bench_step, "augment": bench_augment,
+            "epoch": bench_epoch}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections: " + ", ".join(SECTIONS))
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help="comma list of sections: " + ", ".join(SECTIONS))
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="timed runs per measurement (median)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not _track_cpu_memory():

@@ -2,7 +2,8 @@
 kNN monitor, which reads the same features.
 
     features, targets = extract_features(encoder, loader, N, device)  # rank 0; None elsewhere
-    assignments, stats = distributed_kmeans(features, [K], N, seed=seed + epoch, device=device)  # [N, 1]
+    assignments, stats = distributed_kmeans(features, [K], N, seed=seed + epoch,
+                                            device=device)  # [N, 1]
     top1 = knn_top1(features, targets, test_features, test_targets)   # rank 0
 
 The features are gathered onto rank 0 only, batch by batch, into one [N, F] buffer (fp16 by
@@ -29,7 +30,8 @@ def _dist_info():
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16, amp_dtype=None):
+def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
+                     amp_dtype=None):
     """Encoder features of every image, in dataset-index order, collected on rank 0.
 
     Args:
@@ -55,7 +57,8 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
         num_batches = torch.tensor([len(loader), -len(loader)], device=device)
         dist.all_reduce(num_batches, op=dist.ReduceOp.MAX)
         if num_batches[0] != -num_batches[1]:
-            raise ValueError("every rank must draw the same number of batches (use a DistributedSampler)")
+            raise ValueError("every rank must draw the same number of batches "
+                             "(use a DistributedSampler)")
 
     features = targets = seen = None
     for images, batch_targets, indices in loader:
@@ -105,13 +108,16 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
     if world_size > 1:
         dist.broadcast(missing, src=0)  # every rank raises, rather than wait for rank 0 later
     if missing:
-        raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out of the loader")
+        raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out "
+                           "of the loader")
     return (features, targets) if rank == 0 else (None, None)
 
 
 def _index_error(indices, num_samples):
-    """The ValueError for dataset indices outside [0, N); indices None: they were on another rank."""
-    got = "others on another rank" if indices is None else f"{int(indices.min())}..{int(indices.max())}"
+    """The ValueError for dataset indices outside [0, N); indices None:
+    they were on another rank."""
+    got = ("others on another rank" if indices is None
+           else f"{int(indices.min())}..{int(indices.max())}")
     return ValueError(f"dataset indices must lie in [0, {num_samples}), got {got}")
 
 
@@ -239,7 +245,8 @@ def distributed_kmeans(features, ks, num_samples, seed=0, niter=20, pca_dim=256,
         return cluster()
 
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else "cpu")
     assignments = torch.empty(num_samples, len(ks), dtype=torch.int64, device=device)
     outcome = [None]
     if rank == 0:
@@ -314,7 +321,8 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
             [chunk, chunk] similarities and [chunk, k] running neighbours (1.28M x 2048 is fine).
         device: where the arithmetic runs; default CUDA when available.
     """
-    if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
+    if (train_features.ndim != 2 or test_features.ndim != 2
+            or train_features.shape[1] != test_features.shape[1]):
         raise ValueError(f"need features [N, F] and [M, F], got {tuple(train_features.shape)} and "
                          f"{tuple(test_features.shape)}")
     if len(train_targets) != len(train_features) or len(test_targets) != len(test_features):
@@ -328,11 +336,13 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
     C = num_classes or max(int(train_targets.max()), int(test_targets.max())) + 1
     correct = 0
     for start in range(0, len(test_features), chunk):
-        query = F.normalize(test_features[start:start + chunk].to(device, torch.float32), dim=1)  # c x F
-        top_sim = torch.full((len(query), k), -math.inf, device=device)                          # c x k
+        query = F.normalize(test_features[start:start + chunk].to(device, torch.float32),  # c x F
+                            dim=1)
+        top_sim = torch.full((len(query), k), -math.inf, device=device)          # c x k
         top_label = torch.zeros((len(query), k), dtype=torch.int64, device=device)
         for train_start in range(0, len(train_features), chunk):
-            keys = F.normalize(train_features[train_start:train_start + chunk].to(device, torch.float32), dim=1)
+            keys = F.normalize(
+                train_features[train_start:train_start + chunk].to(device, torch.float32), dim=1)
             sim = torch.cat([top_sim, query @ keys.T], 1)                        # c x (k + b)
             labels = train_targets[train_start:train_start + chunk].expand(len(query), -1)
             top_sim, pos = sim.topk(k, dim=1)                                    # c x k

@@ -67,8 +67,9 @@ def read_image(path):
     try:
         with open(path, "rb") as f, Image.open(f) as im:
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:        # PIL's truncated, corrupt or unknown files
-        raise DataError(f"cannot read image {path}: {e} (a truncated or corrupt file? replace or delete it)") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's truncated, corrupt or unknown files
+        raise DataError(f"cannot read image {path}: {e} (a truncated or corrupt file? "
+                        "replace or delete it)") from None
 
 
 def _decode(path):
@@ -111,7 +112,8 @@ def load_dataset(name, root, train, download=False, workers=4):
     if download and name in SMALL:
         os.makedirs(root, exist_ok=True)
     if not root or not os.path.isdir(root):
-        raise DataNotFound(f"--data {root!r} is not a directory; give the folder that holds {layout}")
+        raise DataNotFound(f"--data {root!r} is not a directory; give the folder that holds "
+                           f"{layout}")
     folder = _split_dir(root, ("train",) if train else eval_names)
     if name in SMALL:
         mean, std = MEAN_STD[name]
@@ -122,12 +124,14 @@ def load_dataset(name, root, train, download=False, workers=4):
                 ds = cls(root, train=train, download=download)
             except (OSError, RuntimeError) as e:     # urllib's URLError is an OSError
                 if download:
-                    raise DataNotFound(f"could not download {name} into {root} ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''}); without network, put it "
-                                       f"there yourself as {layout}") from None
-                raise DataNotFound(f"{os.path.join(root, cls.base_folder)} is incomplete or corrupt "
-                                   f"({str(e).splitlines()[0]})") from None
-            return InMemoryImages(torch.from_numpy(ds.data), torch.as_tensor(ds.targets), ds.classes, mean, std)
+                    raise DataNotFound(f"could not download {name} into {root} "
+                                       f"({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}); without "
+                                       f"network, put it there yourself as {layout}") from None
+                raise DataNotFound(f"{os.path.join(root, cls.base_folder)} is incomplete "
+                                   f"or corrupt ({str(e).splitlines()[0]})") from None
+            return InMemoryImages(torch.from_numpy(ds.data), torch.as_tensor(ds.targets),
+                                  ds.classes, mean, std)
         if folder is None:
             raise DataNotFound(f"--data {root!r} does not hold {name}: expected {layout}")
         images, targets, classes = _folder_to_memory(folder, workers)
@@ -145,14 +149,16 @@ def simclr_transform(size=224, strength=1.0, blur=True, mean_std=MEAN_STD["image
              T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
              T.RandomGrayscale(p=0.2)]
     if blur:
-        steps.append(T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, sigma=(0.1, 2.0))], p=0.5))
-    return T.Compose(steps + [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+        steps.append(T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1,
+                                                   sigma=(0.1, 2.0))], p=0.5))
+    return T.Compose(steps + [T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                              T.Normalize(*mean_std)])
 
 
 def eval_transform(size=224, mean_std=MEAN_STD["imagenet"]):
     """Resize to size/0.875 and centre-crop: the standard evaluation view of ImageNet."""
-    return T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size), T.ToImage(),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+    return T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
 
 
 def _gray(x):
@@ -167,11 +173,14 @@ def _shift_hue(x, shift):
     minc = x.min(1).values
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(1, argmax[:, None])[:, 0]
+    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(
+        1, argmax[:, None])[:, 0]
     hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    # HSV -> RGB through the closed form f(n) = v - v s max(0, min(k, 4 - k, 1)), k = (n + 6h) mod 6.
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                      torch.zeros_like(maxc))
+    # HSV -> RGB through the closed form f(n) = v - v s max(0, min(k, 4 - k, 1)),
+    # k = (n + 6h) mod 6.
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = (n + 6 * hue[:, None]) % 6
     return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
@@ -185,7 +194,8 @@ def crop_resize(x, boxes, size):
     (pixel centres, align_corners=False); sampling_ratio=0 averages ceil(crop/size) samples per
     output pixel when shrinking, which stands in for the antialiasing of torchvision's resize.
     """
-    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(x.device, x.dtype)
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(
+        x.device, x.dtype)
     return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
@@ -222,9 +232,11 @@ class BatchAugment:
         self.jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
 
     def crop_boxes(self, B, H, W, generator, attempts=10):
-        """torchvision's RandomResizedCrop.get_params for B images at once -> [B, 4] (x1, y1, x2, y2)."""
+        """torchvision's RandomResizedCrop.get_params for B images at once -> [B, 4]
+        (x1, y1, x2, y2)."""
         area = H * W * torch.empty(B, attempts).uniform_(0.08, 1.0, generator=generator)
-        log_ratio = torch.empty(B, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        log_ratio = torch.empty(B, attempts).uniform_(math.log(3 / 4), math.log(4 / 3),
+                                                      generator=generator)
         ratio = torch.exp(log_ratio)
         w = torch.sqrt(area * ratio).round()
         h = torch.sqrt(area / ratio).round()
@@ -259,8 +271,8 @@ class BatchAugment:
         factors = torch.stack([torch.empty(B).uniform_(1 - bri, 1 + bri, generator=generator),
                                torch.empty(B).uniform_(1 - con, 1 + con, generator=generator),
                                torch.empty(B).uniform_(1 - sat, 1 + sat, generator=generator),
-                               torch.empty(B).uniform_(-hue, hue, generator=generator)], 1)   # B x 4
-        order = torch.rand(B, 4, generator=generator).argsort(1)               # a random order per image
+                               torch.empty(B).uniform_(-hue, hue, generator=generator)], 1)  # B x 4
+        order = torch.rand(B, 4, generator=generator).argsort(1)  # a random order per image
         for step in range(4):
             for op in range(4):
                 idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
@@ -313,8 +325,8 @@ def crop_flip(images, mean_std, generator):
     normalised float [B, 3, H, W]. The random draws come from the CPU `generator`."""
     B, H, W, _ = images.shape
     augment = BatchAugment(H, mean_std)            # for torchvision's crop rule, crop_boxes
-    x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255), augment.crop_boxes(B, H, W, generator),
-                    (H, W))                                                      # B x 3 x H x W
+    x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),
+                    augment.crop_boxes(B, H, W, generator), (H, W))              # B x 3 x H x W
     flip = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
     return (x - augment.mean.to(x.device)) / augment.std.to(x.device)
@@ -322,8 +334,8 @@ def crop_flip(images, mean_std, generator):
 
 def crop_flip_transform(size, mean_std):
     """crop_flip for one PIL image."""
-    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), T.ToImage(),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
+                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
 
 
 VIEWS = ("eval", "simclr", "crop_flip")
@@ -408,7 +420,8 @@ class Views:
         if view != "eval" and key is None:
             raise ValueError(f"the {view!r} view is random: give the key of its random stream")
         make = self._in_memory if self.in_memory else self._on_disk
-        return _Sized(make(batch_indices, view, key, copies), getattr(batch_indices, "__len__", None))
+        return _Sized(make(batch_indices, view, key, copies),
+                      getattr(batch_indices, "__len__", None))
 
     def _in_memory(self, batch_indices, view, key, copies):
         g = key if isinstance(key, torch.Generator) or key is None else seeded_generator(*key)
@@ -417,9 +430,11 @@ class Views:
             if view == "eval":
                 x = [self.dataset.normalised(idx).to(self.device) for _ in range(copies)]
             else:
-                images = self.dataset.images[idx].to(self.device, non_blocking=True)    # B x H x W x 3
-                make = self.augment if view == "simclr" else (lambda im, gen: crop_flip(im, self.mean_std, gen))
-                x = [make(images, g) for _ in range(copies)]                              # B x 3 x S x S
+                images = self.dataset.images[idx].to(self.device,
+                                                     non_blocking=True)     # B x H x W x 3
+                make = (self.augment if view == "simclr"
+                        else (lambda im, gen: crop_flip(im, self.mean_std, gen)))
+                x = [make(images, g) for _ in range(copies)]                # B x 3 x S x S
             yield (tuple(x) if copies > 1 else x[0]), self.dataset.targets[idx], idx
 
     def _on_disk(self, batch_indices, view, key, copies):

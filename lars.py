@@ -1,5 +1,5 @@
-"""LARS: Layer-wise Adaptive Rate Scaling (You, Gitman and Ginsburg 2017, https://arxiv.org/abs/1708.03888),
-the optimiser of SimCLR and SPCL for large batches.
+"""LARS: Layer-wise Adaptive Rate Scaling (You, Gitman and Ginsburg 2017,
+https://arxiv.org/abs/1708.03888), the optimiser of SimCLR and SPCL for large batches.
 
 For every parameter p with gradient g:
 
@@ -34,7 +34,8 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, weight_decay=1e-6, momentum=0.9, eta=0.001):
-        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("eta", eta)):
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum),
+                            ("eta", eta)):
             if not 0.0 <= value:
                 raise ValueError(f"LARS: {name} must be >= 0, got {value}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
@@ -75,6 +76,7 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(grads, params, alpha=weight_decay)
         p_norm = torch.stack(torch._foreach_norm(params))   # n
         g_norm = torch.stack(torch._foreach_norm(grads))    # n
-        trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, torch.ones_like(p_norm))
+        trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm,
+                            torch.ones_like(p_norm))
         # Per-tensor scalars as 0-d tensors: no .item(), so no device sync on the GPU.
         torch._foreach_mul_(grads, list(trust.unbind()))

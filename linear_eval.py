@@ -1,10 +1,12 @@
 """Evaluation of a pre-trained encoder: the linear probe (the protocol of SimCLR and moco-v3),
 the weighted kNN, and export to a plain encoder state dict.
 
-    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --cached --out runs/spcl
+    python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --cached \\
+        --out runs/spcl
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --data ./data --knn --out runs/spcl
     python linear_eval.py --checkpoint runs/spcl/checkpoint.pth --export resnet18_spcl.pth
-    torchrun --nproc_per_node 8 linear_eval.py --checkpoint runs/in1k/checkpoint.pth --data /path/to/imagenet
+    torchrun --nproc_per_node 8 linear_eval.py --checkpoint runs/in1k/checkpoint.pth \\
+        --data /path/to/imagenet
 
 Linear probe: the encoder is frozen and stays in eval mode (its BatchNorm statistics do not move);
 a linear classifier, N(0, 0.01) weights and zero bias, trains with SGD (Nesterov, momentum 0.9,
@@ -40,8 +42,8 @@ from models import ARCHS, describe_keys, export_encoder, load_encoder
 # The probe
 # ---------------------------------------------------------------------------------------------
 
-def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, momentum=0.9, weight_decay=0.0,
-                     encoder=None, device="cpu", amp_dtype=None, master=True):
+def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, momentum=0.9,
+                     weight_decay=0.0, encoder=None, device="cpu", amp_dtype=None, master=True):
     """SGD with Nesterov momentum and a per-step cosine schedule from lr to 0 on cross-entropy.
 
     epoch_batches(epoch) yields (x, y [B]): images [B, 3, S, S] when an encoder is given (run
@@ -53,7 +55,8 @@ def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, mom
                                 weight_decay=weight_decay)
     total_steps = epochs * steps_per_epoch
     step = 0
-    bar = tqdm(range(epochs), desc="linear probe", disable=not master, dynamic_ncols=True, leave=False)
+    bar = tqdm(range(epochs), desc="linear probe", disable=not master, dynamic_ncols=True,
+               leave=False)
     for epoch in bar:
         loss_sum, count = torch.zeros((), device=device), 0
         for x, y in epoch_batches(epoch):
@@ -61,7 +64,8 @@ def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, mom
                 group["lr"] = runtime.cosine_lr(step, total_steps, lr)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if encoder is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
+                                                     enabled=amp_dtype is not None):
                     x = encoder(x.contiguous(memory_format=torch.channels_last))       # B x F
             loss = F.cross_entropy(classifier(x.float()), y)
             optimizer.zero_grad(set_to_none=True)
@@ -92,25 +96,33 @@ def evaluate(classifier, features, targets, device="cpu", chunk=4096):
 # ---------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="train.py's checkpoint.pth or a torchvision state dict")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="train.py's checkpoint.pth or a torchvision state dict")
     p.add_argument("--arch", help=f"{', '.join(ARCHS)}; required for a plain state dict")
     p.add_argument("--dataset", choices=data.DATASETS,
                    help="default: the checkpoint's; required for a plain state dict")
     p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
-    p.add_argument("--out", help="JSONL file, or a folder for linear_eval.jsonl, to append the result to")
+    p.add_argument("--out",
+                   help="JSONL file, or a folder for linear_eval.jsonl, to append the result to")
     p.add_argument("--epochs", type=int, help="default 100 on CIFAR, 90 otherwise")
     p.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch")
     p.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch/256")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--cached", action="store_true", help="train on features of the evaluation view, extracted once")
-    p.add_argument("--knn", action="store_true", help="only the weighted kNN top-1 (no linear probe)")
+    p.add_argument("--cached", action="store_true",
+                   help="train on features of the evaluation view, extracted once")
+    p.add_argument("--knn", action="store_true",
+                   help="only the weighted kNN top-1 (no linear probe)")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
-    p.add_argument("--export", metavar="PATH", help="write the encoder as a torchvision state dict and stop")
-    p.add_argument("--subset", type=int, default=0, help="a fixed random subset of N training images")
-    p.add_argument("--test-subset", type=int, default=0, help="a fixed random subset of N test images")
+    p.add_argument("--export", metavar="PATH",
+                   help="write the encoder as a torchvision state dict and stop")
+    p.add_argument("--subset", type=int, default=0,
+                   help="a fixed random subset of N training images")
+    p.add_argument("--test-subset", type=int, default=0,
+                   help="a fixed random subset of N test images")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -122,12 +134,14 @@ def fail(message, master=True):
 
 def result_path(out):
     """The JSONL file that --out names: out itself, or linear_eval.jsonl in the folder out."""
-    return os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep) else out
+    return (os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep)
+            else out)
 
 
 def check_writable(path):
-    """None when the JSON line can be appended to path (its folder created if missing), else why not.
-    Creates no file: an empty linear_eval.jsonl would read as a finished row to experiments/table2.sh."""
+    """None when the JSON line can be appended to path (its folder created if missing), else
+    why not. Creates no file: an empty linear_eval.jsonl would read as a finished row to
+    experiments/table2.sh."""
     try:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -154,19 +168,21 @@ def write_result(result, out):
 def features_of(encoder, views, n, rank, world, device, amp_dtype):
     """[n, F] float16 CPU features and [n] targets of a split in the evaluation view, on rank 0;
     (None, None) elsewhere."""
-    return cluster.extract_features(encoder, views.batches(data.shard(n, rank, world, 512), "eval"), n, device,
-                                    amp_dtype=amp_dtype)
+    return cluster.extract_features(encoder, views.batches(data.shard(n, rank, world, 512), "eval"),
+                                    n, device, amp_dtype=amp_dtype)
 
 
 def knn(args, encoder, splits, rank, world, device, amp_dtype):
     """Weighted kNN top-1 (Wu et al. 2018) of the test split against the training split."""
     (train_views, train_n), (test_views, test_n), num_classes = splits
-    train_features, train_targets = features_of(encoder, train_views, train_n, rank, world, device, amp_dtype)
-    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device, amp_dtype)
+    train_features, train_targets = features_of(encoder, train_views, train_n, rank, world,
+                                                device, amp_dtype)
+    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device,
+                                              amp_dtype)
     if rank:
         return None
-    top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets, k=args.knn_k,
-                            temperature=args.knn_temperature, num_classes=num_classes)
+    top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets,
+                            k=args.knn_k, temperature=args.knn_temperature, num_classes=num_classes)
     return {"mode": "knn", "k": args.knn_k, "temperature": args.knn_temperature, "knn_top1": top1}
 
 
@@ -179,9 +195,11 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
     classifier = classifier.to(device)
-    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device, amp_dtype)
+    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device,
+                                              amp_dtype)
     if args.cached:
-        train_features, train_targets = features_of(encoder, train_views, train_n, rank, world, device, amp_dtype)
+        train_features, train_targets = features_of(encoder, train_views, train_n, rank, world,
+                                                    device, amp_dtype)
         if rank:
             return None
         shuffle = torch.Generator().manual_seed(args.seed)
@@ -189,27 +207,30 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
         def batches(epoch):
             for idx in torch.randperm(train_n, generator=shuffle).split(args.batch_size):
                 yield train_features[idx], train_targets[idx]
-        train_classifier(classifier, batches, epochs, math.ceil(train_n / args.batch_size), lr, args.momentum,
-                         args.weight_decay, device=device)
+        train_classifier(classifier, batches, epochs, math.ceil(train_n / args.batch_size), lr,
+                         args.momentum, args.weight_decay, device=device)
     else:
         model = classifier if world == 1 else nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
-        sampler = torch.utils.data.DistributedSampler(range(train_n), world, rank, shuffle=True, seed=args.seed)
+        sampler = torch.utils.data.DistributedSampler(range(train_n), world, rank, shuffle=True,
+                                                      seed=args.seed)
         per_rank = args.batch_size // world
 
         def batches(epoch):
             sampler.set_epoch(epoch)
             index_batches = torch.tensor(list(sampler)).split(per_rank)
-            for x, y, _ in train_views.batches(index_batches, "crop_flip", key=(args.seed, data.PROBE_VIEWS, epoch, rank)):
+            for x, y, _ in train_views.batches(index_batches, "crop_flip",
+                                               key=(args.seed, data.PROBE_VIEWS, epoch, rank)):
                 yield x, y
-        train_classifier(model, batches, epochs, math.ceil(len(sampler) / per_rank), lr, args.momentum,
-                         args.weight_decay, encoder=encoder, device=device, amp_dtype=amp_dtype, master=rank == 0)
+        train_classifier(model, batches, epochs, math.ceil(len(sampler) / per_rank), lr,
+                         args.momentum, args.weight_decay, encoder=encoder, device=device,
+                         amp_dtype=amp_dtype, master=rank == 0)
         if rank:
             return None
     top1, top5 = evaluate(classifier, test_features, test_targets, device)
-    return {"mode": "cached" if args.cached else "augmented", "epochs": epochs, "batch_size": args.batch_size,
-            "lr": lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "top1": top1, "top5": top5,
-            "world_size": world}
+    return {"mode": "cached" if args.cached else "augmented", "epochs": epochs,
+            "batch_size": args.batch_size, "lr": lr, "momentum": args.momentum,
+            "weight_decay": args.weight_decay, "top1": top1, "top5": top5, "world_size": world}
 
 
 def main(argv=None):
@@ -225,15 +246,17 @@ def main(argv=None):
     if args.export:
         if master:
             export_encoder(encoder, args.export)
-            print(f"wrote the {info['arch']} encoder ({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) "
-                  f"to {args.export}")
+            print(f"wrote the {info['arch']} encoder "
+                  f"({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) to {args.export}")
         return None
     why = check_writable(result_path(args.out)) if args.out and master else None
     if why:
-        fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can write to", master)
+        fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can "
+             "write to", master)
     dataset = args.dataset or info["dataset"]
     if dataset is None:
-        fail(f"{args.checkpoint} is a plain state dict: say which data it is for with --dataset", master)
+        fail(f"{args.checkpoint} is a plain state dict: say which data it is for with --dataset",
+             master)
     if args.batch_size % world:
         fail(f"--batch-size {args.batch_size} must be divisible by the world size {world}", master)
     epochs = args.epochs or (100 if dataset in data.SMALL else 90)
@@ -242,11 +265,14 @@ def main(argv=None):
     try:
         train_set = data.load_dataset(dataset, args.data, train=True, workers=args.workers)
         test_set = data.load_dataset(dataset, args.data, train=False, workers=args.workers)
-        train_set, test_set = data.subset(train_set, args.subset, 1234), data.subset(test_set, args.test_subset, 4321)
-    except (ValueError, RuntimeError, OSError) as e:     # data.DataNotFound says what --data should hold
+        train_set, test_set = (data.subset(train_set, args.subset, 1234),
+                               data.subset(test_set, args.test_subset, 4321))
+    except (ValueError, RuntimeError, OSError) as e:     # data.DataNotFound says what --data
+                                                         # should hold
         fail(str(e), master)
     in_memory = isinstance(train_set, data.InMemoryImages)
-    image_size = train_set.images.shape[1] if in_memory else info["image_size"] or (32 if info["cifar_stem"] else 224)
+    image_size = (train_set.images.shape[1] if in_memory
+                  else info["image_size"] or (32 if info["cifar_stem"] else 224))
     mean_std = data.MEAN_STD.get(dataset, data.MEAN_STD["imagenet"])
     views = [data.Views(split, image_size, mean_std, workers=args.workers, device=device)
              for split in (train_set, test_set)]
@@ -259,16 +285,19 @@ def main(argv=None):
         result = knn(args, encoder, splits, rank, world, device, amp_dtype)
     else:
         result = linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_dtype)
-        # moco-v3's sanity check: the probe must not have touched the encoder, BN statistics included.
-        moved = [key for key, value in encoder.state_dict().items() if not torch.equal(value.cpu(), reference[key])]
+        # moco-v3's sanity check: the probe must not have touched the encoder, BN statistics
+        # included.
+        moved = [key for key, value in encoder.state_dict().items()
+                 if not torch.equal(value.cpu(), reference[key])]
         if moved:
-            fail(f"the encoder changed during linear evaluation ({describe_keys(moved)}): a bug", master)
+            fail(f"the encoder changed during linear evaluation ({describe_keys(moved)}): a bug",
+                 master)
         if result:
             result["encoder_unchanged"] = True
     if master:
         result = {"checkpoint": args.checkpoint, "arch": info["arch"], "dataset": dataset,
-                  "checkpoint_epoch": info["epoch"], "train_images": len(train_set), "test_images": len(test_set),
-                  **result, "seconds": time.time() - start}
+                  "checkpoint_epoch": info["epoch"], "train_images": len(train_set),
+                  "test_images": len(test_set), **result, "seconds": time.time() - start}
         write_result(result, args.out)
     if world > 1:
         dist.destroy_process_group()
@@ -276,8 +305,8 @@ def main(argv=None):
 
 
 def interrupted_message():
-    return ("linear_eval.py: interrupted; nothing was written (the result is appended to --out at the end), "
-            "so run the command again")
+    return ("linear_eval.py: interrupted; nothing was written (the result is appended to --out "
+            "at the end), so run the command again")
 
 
 if __name__ == "__main__":

@@ -35,12 +35,15 @@ def _check(condition, message):
 def _check_finite(name, *tensors):
     # One reduction and one sync for all tensors; the message names the culprit.
     if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise ValueError(f"{name}: input contains NaN or Inf (a diverged model or bad data upstream)")
+        raise ValueError(f"{name}: input contains NaN or Inf "
+                         "(a diverged model or bad data upstream)")
 
 
 # torch >= 2.14 names the single-tensor collectives *_single and deprecates the older names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+_all_gather_single = (getattr(dist, "all_gather_single", None)
+                      or getattr(dist, "all_gather_into_tensor", None))
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or getattr(dist, "reduce_scatter_tensor", None))
 
 
 def _gather(x, group):
@@ -66,7 +69,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        local = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),) + tuple(grad.shape[1:]))
+        local = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),)
+                               + tuple(grad.shape[1:]))
         _reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return local, None
 
@@ -112,7 +116,8 @@ def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
                              "with one image the only candidate is the positive")
     _check(temperature > 0, f"nt_xent: temperature must be > 0, got {temperature}")
     _check(labels is None or labels.shape == (z1.shape[0],),
-           f"nt_xent: labels must be [B]={z1.shape[0]}, got {None if labels is None else tuple(labels.shape)}")
+           f"nt_xent: labels must be [B]={z1.shape[0]}, got "
+           f"{None if labels is None else tuple(labels.shape)}")
     if validate:
         _check_finite("nt_xent", z1, z2)
 
@@ -122,7 +127,8 @@ def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
     offset = 0 if group is None else dist.get_rank(group) * 2 * B
     # Scaling the 2B x D side by 1/t is cheaper than dividing the 2B x 2BW logits.
     logits = (z / temperature) @ z_all.T                     # 2B x 2BW
-    logits.diagonal(offset).fill_(float("-inf"))             # k != i: drop each view's self-similarity
+    logits.diagonal(offset).fill_(float("-inf"))             # k != i: drop each view's
+                                                             # self-similarity
     local = torch.arange(2 * B, device=z.device)
     positives = offset + (local + B) % (2 * B)               # column of the other view, i'
     if labels is not None:
@@ -154,13 +160,15 @@ def siamese_metric_loss(head, h_a, h_b, same, validate=True):
         scalar, the mean over the P pairs.
     """
     _check(h_a.dim() == 2 and h_a.shape == h_b.shape,
-           f"siamese_metric_loss: h_a and h_b must both be [P, F], got {tuple(h_a.shape)} and {tuple(h_b.shape)}")
+           f"siamese_metric_loss: h_a and h_b must both be [P, F], got {tuple(h_a.shape)} and "
+           f"{tuple(h_b.shape)}")
     _check(h_a.shape[0] >= 1, "siamese_metric_loss: needs at least 1 pair, got 0")
     _check(same.shape == (h_a.shape[0],),
            f"siamese_metric_loss: same must be [P]={h_a.shape[0]}, got {tuple(same.shape)}")
     if validate:
         _check_finite("siamese_metric_loss", h_a, h_b)
-        _check(bool(((same == 0) | (same == 1)).all()), "siamese_metric_loss: same must hold only 0 and 1")
+        _check(bool(((same == 0) | (same == 1)).all()),
+               "siamese_metric_loss: same must hold only 0 and 1")
     score = head((h_a - h_b).abs())                          # P x 1
     score = score.reshape(h_a.shape[0])                      # P
     dtype = torch.promote_types(score.dtype, torch.float32)
@@ -182,7 +190,8 @@ def siamese_pairs(h1, h2, same, same_image_pairs=True):
         cross-image view pairs (a x b views) labelled `same`, then the same-image pairs.
     """
     _check(h1.dim() == 2 and h1.shape == h2.shape and h1.shape[0] % 2 == 0,
-           f"siamese_pairs: h1 and h2 must both be [2P, F], got {tuple(h1.shape)} and {tuple(h2.shape)}")
+           f"siamese_pairs: h1 and h2 must both be [2P, F], got {tuple(h1.shape)} and "
+           f"{tuple(h2.shape)}")
     P = h1.shape[0] // 2
     _check(same.shape == (P,), f"siamese_pairs: same must be [P]={P}, got {tuple(same.shape)}")
     a1, b1 = h1[:P], h1[P:]                                  # P x F each
@@ -199,7 +208,8 @@ def _check_logits_targets(name, logits, targets, validate):
     _check(targets.shape == (logits.shape[0],),
            f"{name}: targets must be [N]={logits.shape[0]}, got {tuple(targets.shape)}")
     _check(logits.shape[0] >= 1, f"{name}: needs at least 1 sample, got 0")
-    _check(not targets.is_floating_point(), f"{name}: targets must be integer class indices, got {targets.dtype}")
+    _check(not targets.is_floating_point(),
+           f"{name}: targets must be integer class indices, got {targets.dtype}")
     K = logits.shape[1]
     if not validate:
         return
@@ -254,9 +264,9 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), 
 CONTRAST_MODES = ("joint", "per-side", "masked")
 
 
-def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_heads=(), w_con=1.0, w_metric=1.0,
-              w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce", same_image_pairs=True, group=None,
-              validate=True):
+def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_heads=(), w_con=1.0,
+              w_metric=1.0, w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce",
+              same_image_pairs=True, group=None, validate=True):
     """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch. With
     `group` it is a collective (NT-Xent's negatives): every rank of the group must call it.
 
@@ -287,12 +297,14 @@ def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_head
     Returns:
         (total scalar with gradient, {term name: detached scalar} for each computed term).
     """
-    _check(proto_loss in ("ce", "sce"), f"spcl_loss: proto_loss must be 'ce' or 'sce', got {proto_loss!r}")
-    _check(contrast in CONTRAST_MODES, f"spcl_loss: contrast must be one of {CONTRAST_MODES}, got {contrast!r}")
+    _check(proto_loss in ("ce", "sce"),
+           f"spcl_loss: proto_loss must be 'ce' or 'sce', got {proto_loss!r}")
+    _check(contrast in CONTRAST_MODES,
+           f"spcl_loss: contrast must be one of {CONTRAST_MODES}, got {contrast!r}")
     _check(w_con or w_metric or w_proto, "spcl_loss: all three weights are 0, nothing to train")
     _check(h1.dim() == 2 and h1.shape[0] % 2 == 0 and z1.shape[0] == h1.shape[0],
-           f"spcl_loss: z1 and h1 must hold 2P rows (P anchors, then P partners), got {tuple(z1.shape)} "
-           f"and {tuple(h1.shape)}")
+           f"spcl_loss: z1 and h1 must hold 2P rows (P anchors, then P partners), got "
+           f"{tuple(z1.shape)} and {tuple(h1.shape)}")
     P = h1.shape[0] // 2
     if assignments.dim() == 1:
         assignments = assignments[:, None]                   # 2P x H
@@ -303,7 +315,8 @@ def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_head
         terms["con"] = (w_con, (sides[0] + sides[1]) / 2)
     elif w_con:
         labels = assignments[:, 0] if contrast == "masked" else None
-        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, group=group, validate=validate))
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, group=group,
+                                       validate=validate))
     if w_metric:
         _check(metric_head is not None, "spcl_loss: w_metric > 0 needs a metric_head")
         left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)

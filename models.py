@@ -75,8 +75,9 @@ class SPCLModel(nn.Module):
         self.encoder, F = build_encoder(arch, cifar_stem)
         self.feature_dim = F
         # SimCLR's head as in the official code: Linear-BN-ReLU-Linear-BN.
-        self.projector = nn.Sequential(nn.Linear(F, F, bias=False), nn.BatchNorm1d(F), nn.ReLU(inplace=True),
-                                       nn.Linear(F, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+        self.projector = nn.Sequential(nn.Linear(F, F, bias=False), nn.BatchNorm1d(F),
+                                       nn.ReLU(inplace=True), nn.Linear(F, out_dim, bias=False),
+                                       nn.BatchNorm1d(out_dim))
         self.metric_head = nn.Linear(F, 1)
         self.proto_heads = nn.ModuleList(nn.Linear(F, k) for k in num_prototypes)
         self.reset_proto_heads()
@@ -123,7 +124,8 @@ class TrainingStep(nn.Module):
         # are not validated here (a NaN on one rank would stop it alone); train.py checks the
         # all-reduced loss instead.
         with torch.autocast(v1.device.type, enabled=False):
-            return spcl_loss(z1, z2, h1, h2, same=same, assignments=assignments, metric_head=self.model.metric_head,
+            return spcl_loss(z1, z2, h1, h2, same=same, assignments=assignments,
+                             metric_head=self.model.metric_head,
                              proto_heads=self.model.proto_heads, **settings, validate=False)
 
 
@@ -151,7 +153,8 @@ def load_encoder(checkpoint_path, arch=None, dataset=None):
         config = ckpt["config"]
         lacking = [key for key in ("arch", "dataset", "image_size") if key not in config]
         if lacking:
-            raise ValueError(f"{checkpoint_path}: its config lacks {', '.join(lacking)}; not written by train.py?")
+            raise ValueError(f"{checkpoint_path}: its config lacks {', '.join(lacking)}; "
+                             "not written by train.py?")
         info = {"format": "spcl", "arch": config["arch"], "dataset": config["dataset"],
                 "image_size": config["image_size"], "cifar_stem": config["image_size"] <= 64,
                 "epoch": ckpt.get("epoch")}
@@ -163,27 +166,30 @@ def load_encoder(checkpoint_path, arch=None, dataset=None):
                  if key.startswith("encoder.")}
     elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         if arch is None:
-            raise ValueError(f"{checkpoint_path} is a plain state dict: say which network it is with --arch "
-                             f"({', '.join(ARCHS)})")
+            raise ValueError(f"{checkpoint_path} is a plain state dict: say which network it "
+                             f"is with --arch ({', '.join(ARCHS)})")
         conv1 = ckpt.get("conv1.weight")
         info = {"format": "torchvision", "arch": arch, "dataset": None, "image_size": None,
                 "cifar_stem": conv1 is not None and conv1.shape[-1] == 3, "epoch": None}
         state = {key: value for key, value in ckpt.items() if not key.startswith("fc.")}
     else:
-        raise ValueError(f"{checkpoint_path} holds a {type(ckpt).__name__}, neither train.py's checkpoint.pth nor "
-                         "a state dict of tensors")
+        raise ValueError(f"{checkpoint_path} holds a {type(ckpt).__name__}, neither train.py's "
+                         "checkpoint.pth nor a state dict of tensors")
 
     encoder, info["feature_dim"] = build_encoder(info["arch"], info["cifar_stem"])
     expected = encoder.state_dict()
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    wrong_shape = [key for key in expected.keys() & state.keys() if expected[key].shape != state[key].shape]
+    wrong_shape = [key for key in expected.keys() & state.keys()
+                   if expected[key].shape != state[key].shape]
     if missing or unexpected or wrong_shape:
         problems = [f"{len(missing)} missing keys ({describe_keys(missing)})" if missing else "",
-                    f"{len(unexpected)} unexpected keys ({describe_keys(unexpected)})" if unexpected else "",
-                    f"{len(wrong_shape)} of another shape ({describe_keys(wrong_shape)})" if wrong_shape else ""]
+                    f"{len(unexpected)} unexpected keys ({describe_keys(unexpected)})"
+                    if unexpected else "",
+                    f"{len(wrong_shape)} of another shape ({describe_keys(wrong_shape)})"
+                    if wrong_shape else ""]
         stem = "CIFAR" if info["cifar_stem"] else "ImageNet"
-        raise ValueError(f"{checkpoint_path} does not fit a {info['arch']} encoder with the {stem} stem: "
-                         + "; ".join(p for p in problems if p))
+        raise ValueError(f"{checkpoint_path} does not fit a {info['arch']} encoder with the "
+                         f"{stem} stem: " + "; ".join(p for p in problems if p))
     encoder.load_state_dict(state, strict=True)
     return encoder, info
 

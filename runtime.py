@@ -2,9 +2,9 @@
 distributed set-up, the device's AMP dtype, one-line failures, checkpoint files read and written
 safely, and the learning-rate schedule.
 
-    rank, world, device = setup_distributed(timeout_minutes=60)   # torchrun, or one process
-    amp_dtype = autocast_dtype(device)                             # bf16 / fp16 on CUDA, None on CPU
-    fail("train.py", "--lr must be > 0", master)                   # one line, no traceback
+    rank, world, device = setup_distributed(timeout_minutes=60)  # torchrun, or one process
+    amp_dtype = autocast_dtype(device)                            # bf16 / fp16 on CUDA, None on CPU
+    fail("train.py", "--lr must be > 0", master)                  # one line, no traceback
 """
 import math
 import os
@@ -54,7 +54,8 @@ def autocast_dtype(device):
     GPUs, None (full precision) on the CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
+            else torch.float16)
 
 
 def fail(program, message, master=True):

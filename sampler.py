@@ -23,7 +23,8 @@ import torch
 
 def _as_labels(assignments):
     """Validated int64 numpy copy of a [N] tensor or array of prototype ids."""
-    labels = assignments.numpy(force=True) if torch.is_tensor(assignments) else np.asarray(assignments)
+    labels = (assignments.numpy(force=True) if torch.is_tensor(assignments)
+              else np.asarray(assignments))
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"assignments must be a non-empty 1-D array, got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -126,12 +127,15 @@ class PrototypePairSampler(torch.utils.data.Sampler):
     partition allows, and `same` always tells the truth: same == (assignments[a] == assignments[b]).
     """
 
-    def __init__(self, assignments, batch_size, num_replicas=1, rank=0, seed=0, p_same=0.5, drop_last=True):
+    def __init__(self, assignments, batch_size, num_replicas=1, rank=0, seed=0, p_same=0.5,
+                 drop_last=True):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
+            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, "
+                             f"num_replicas={num_replicas}")
         if batch_size <= 0 or batch_size % (2 * num_replicas):
             raise ValueError(
-                f"batch_size={batch_size} must be a positive multiple of 2 * num_replicas = {2 * num_replicas}"
+                f"batch_size={batch_size} must be a positive multiple of 2 * num_replicas = "
+                f"{2 * num_replicas}"
             )
         if not 0.0 <= p_same <= 1.0:
             raise ValueError(f"p_same must be in [0, 1], got {p_same}")
@@ -151,7 +155,8 @@ class PrototypePairSampler(torch.utils.data.Sampler):
         """New partition: int64 [N]. Prototype ids may be any integers (they are relabelled)."""
         labels = _as_labels(assignments)
         if self.batch_size > len(labels) - len(labels) % 2:
-            raise ValueError(f"batch_size={self.batch_size} is more than the {len(labels)} images to pair")
+            raise ValueError(f"batch_size={self.batch_size} is more than the {len(labels)} "
+                             "images to pair")
         self.assignments = labels
         _, self._labels = np.unique(labels, return_inverse=True)  # [N] in [0, K)
         self._num_protos = int(self._labels.max()) + 1
@@ -166,7 +171,8 @@ class PrototypePairSampler(torch.utils.data.Sampler):
         return full + 1, rest
 
     def global_pairs(self):
-        """int64 [pairs, 3] of (anchor, partner, same): this epoch's global batches, back to back."""
+        """int64 [pairs, 3] of (anchor, partner, same): this epoch's global batches,
+        back to back."""
         rng = np.random.default_rng([self.seed, self.epoch])
         anchors, partners = _pair_up(self._labels, self._num_protos, self.p_same, rng)
         num_batches, last = self._batch_sizes()

@@ -103,7 +103,8 @@ def _spawn(fn, world_size, tmp_path, *args):
 
 
 def _worker(rank, fn, world_size, init_file, args):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
     try:
         fn(rank, world_size, *args)
     finally:
@@ -211,12 +212,14 @@ def test_prototype_ce_and_symmetric_ce_match_naive_loops():
     targets = torch.randint(0, 5, (7,), generator=g)
     loss, ref = prototype_ce(logits, targets), _naive_ce(logits, targets)
     assert torch.allclose(loss, ref, atol=1e-6, rtol=0)
-    assert torch.allclose(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, logits)[0], atol=1e-6)
+    assert torch.allclose(torch.autograd.grad(loss, logits)[0],
+                          torch.autograd.grad(ref, logits)[0], atol=1e-6)
     for alpha, beta, log_zero in [(0.1, 1.0, math.log(1e-4)), (0.7, 0.3, -2.0)]:
         loss = symmetric_ce(logits, targets, alpha, beta, log_zero)
         ref = _naive_sce(logits, targets, alpha, beta, log_zero)
         assert torch.allclose(loss.double(), ref, atol=1e-6, rtol=0)
-        assert torch.allclose(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, logits)[0], atol=1e-6)
+        assert torch.allclose(torch.autograd.grad(loss, logits)[0],
+                              torch.autograd.grad(ref, logits)[0], atol=1e-6)
 
 
 def test_symmetric_ce_reduces_to_ce_and_has_the_hand_computed_value():
@@ -240,7 +243,8 @@ def _naive_masked_nt_xent(z1, z2, labels, t):
     for i in range(n):
         pos = (i + B) % n
         kept = [k for k in range(n) if k != i and (k == pos or lab[k] != lab[i])]
-        total = total - torch.log(torch.exp(sim(i, pos) / t) / sum(torch.exp(sim(i, k) / t) for k in kept))
+        total = total - torch.log(torch.exp(sim(i, pos) / t)
+                                  / sum(torch.exp(sim(i, k) / t) for k in kept))
     return total / n
 
 
@@ -255,7 +259,8 @@ def test_nt_xent_with_labels_matches_naive_loop_and_reduces_to_simclr():
     for a, b in zip(torch.autograd.grad(loss, (z1, z2)), torch.autograd.grad(ref, (z1, z2))):
         assert torch.allclose(a, b, atol=1e-9, rtol=0)
     assert not torch.allclose(loss, nt_xent(z1, z2, 0.3))      # the mask removed something
-    assert torch.allclose(nt_xent(z1, z2, 0.3, labels=torch.arange(6)), nt_xent(z1, z2, 0.3), atol=1e-12)
+    assert torch.allclose(nt_xent(z1, z2, 0.3, labels=torch.arange(6)), nt_xent(z1, z2, 0.3),
+                          atol=1e-12)
 
 
 def test_spcl_loss_contrast_modes_match_naive_loops():
@@ -263,12 +268,13 @@ def test_spcl_loss_contrast_modes_match_naive_loops():
     protos[:, 0] = torch.tensor([0, 1, 2, 0, 1, 0, 1, 3, 3, 4])  # repeats within and across sides
     P, t = 5, 0.4
     expected = {"joint": _naive_nt_xent(z1, z2, t),
-                "per-side": (_naive_nt_xent(z1[:P], z2[:P], t) + _naive_nt_xent(z1[P:], z2[P:], t)) / 2,
+                "per-side": (_naive_nt_xent(z1[:P], z2[:P], t)
+                             + _naive_nt_xent(z1[P:], z2[P:], t)) / 2,
                 "masked": _naive_masked_nt_xent(z1, z2, protos[:, 0], t)}
     for mode, value in expected.items():
-        total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=metric_head,
-                                 proto_heads=proto_heads, w_metric=0, w_proto=0,
-                                 temperature=t, contrast=mode)
+        total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos,
+                                 metric_head=metric_head, proto_heads=proto_heads, w_metric=0,
+                                 w_proto=0, temperature=t, contrast=mode)
         assert torch.allclose(total, value, atol=1e-5), mode
     assert len({round(float(v), 6) for v in expected.values()}) == 3      # three different losses
 
@@ -279,10 +285,11 @@ def _ddp_contrast_worker(rank, world_size, x1, x2, labels, state, mode, out_dir)
     ddp = nn.parallel.DistributedDataParallel(model)
     P = x1.shape[0] // (2 * world_size)
     # This rank's batch: its P anchors, then their P partners (global layout: all anchors first).
-    mine = torch.cat([torch.arange(rank * P, (rank + 1) * P), world_size * P + torch.arange(rank * P, (rank + 1) * P)])
+    mine = torch.cat([torch.arange(rank * P, (rank + 1) * P),
+                      world_size * P + torch.arange(rank * P, (rank + 1) * P)])
     z1, z2 = ddp(x1[mine]), ddp(x2[mine])
-    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(P), assignments=labels[mine], w_metric=0, w_proto=0,
-                        group=dist.group.WORLD,
+    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(P), assignments=labels[mine], w_metric=0,
+                        w_proto=0, group=dist.group.WORLD,
                         temperature=0.3, contrast=mode)
     loss.backward()
     torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]},
@@ -299,8 +306,8 @@ def test_contrast_modes_world_size_2_equal_world_size_1(tmp_path, mode):
     model = nn.Linear(5, 3).double()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     z1, z2 = model(x1), model(x2)
-    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(8), assignments=labels, w_metric=0, w_proto=0,
-                        temperature=0.3, contrast=mode)
+    loss, _ = spcl_loss(z1, z2, z1, z2, same=torch.zeros(8), assignments=labels, w_metric=0,
+                        w_proto=0, temperature=0.3, contrast=mode)
     loss.backward()
     _spawn(_ddp_contrast_worker, 2, tmp_path, x1, x2, labels, state, mode, str(tmp_path))
     for rank in range(2):
@@ -327,8 +334,9 @@ def _spcl_call(**overrides):
 
 def test_spcl_loss_is_the_weighted_sum_of_the_terms():
     z1, z2, h1, h2, same, protos, metric_head, proto_heads = _spcl_inputs()
-    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=metric_head, proto_heads=proto_heads,
-                             w_con=0.5, w_metric=0.1, w_proto=2.0, temperature=0.2, proto_loss="sce")
+    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=metric_head,
+                             proto_heads=proto_heads, w_con=0.5, w_metric=0.1, w_proto=2.0,
+                             temperature=0.2, proto_loss="sce")
     con = nt_xent(z1, z2, 0.2)
     metric = siamese_metric_loss(metric_head, *siamese_pairs(h1, h2, same))
     h = torch.cat([h1, h2])
@@ -347,8 +355,8 @@ class _MustNotRun(nn.Module):
 
 def test_spcl_loss_skips_zero_weight_terms():
     z1, z2, h1, h2, same, protos, _, _ = _spcl_inputs()
-    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos, metric_head=_MustNotRun(),
-                             proto_heads=[_MustNotRun()],
+    total, terms = spcl_loss(z1, z2, h1, h2, same=same, assignments=protos,
+                             metric_head=_MustNotRun(), proto_heads=[_MustNotRun()],
                              w_metric=0, w_proto=0)
     assert set(terms) == {"con"}
     assert torch.allclose(total, nt_xent(z1, z2))
@@ -359,10 +367,14 @@ def test_spcl_loss_skips_zero_weight_terms():
     (lambda: nt_xent(torch.randn(1, 3), torch.randn(1, 3)), "at least 2"),
     (lambda: nt_xent(torch.tensor([[1.0, float("nan")], [0, 1]]), torch.randn(2, 2)), "NaN or Inf"),
     (lambda: nt_xent(torch.randn(4, 3), torch.randn(4, 3), temperature=0), "temperature"),
-    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(5, 3), torch.ones(4)), "must both be"),
-    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3), torch.ones(3)), "same must be"),
-    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3), torch.full((4,), 2)), "only 0 and 1"),
-    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.full((4, 3), float("inf")), torch.randn(4, 3), torch.ones(4)), "NaN or Inf"),
+    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(5, 3),
+                                 torch.ones(4)), "must both be"),
+    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3),
+                                 torch.ones(3)), "same must be"),
+    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3),
+                                 torch.full((4,), 2)), "only 0 and 1"),
+    (lambda: siamese_metric_loss(nn.Linear(3, 1), torch.full((4, 3), float("inf")),
+                                 torch.randn(4, 3), torch.ones(4)), "NaN or Inf"),
     (lambda: prototype_ce(torch.randn(4, 3), torch.tensor([0, 1, 2, 3])), r"\[0, 3\)"),
     (lambda: prototype_ce(torch.randn(4, 3), torch.tensor([0, 1, 2])), "targets must be"),
     (lambda: prototype_ce(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), "at least 1"),
@@ -448,7 +460,8 @@ def test_a_fresh_prototype_head_learns_within_one_epoch_on_its_own_sgd():
         model.proto_heads[0] = nn.Linear(F_, K)
         model.reset_proto_heads(torch.Generator().manual_seed(1))
         head = model.proto_heads[0]
-        opt = train.head_optimizer(model, args) if name == "own sgd" else LARS(head.parameters(), lr=2.0)
+        opt = (train.head_optimizer(model, args) if name == "own sgd"
+               else LARS(head.parameters(), lr=2.0))
         for _ in range(97):
             idx = torch.randint(0, N, (1024,), generator=g)
             loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
@@ -478,7 +491,8 @@ def _nmi_naive(a, b):
     h_a = -sum(c / n * math.log(c / n) for c in count_a.values())
     h_b = -sum(c / n * math.log(c / n) for c in count_b.values())
     mutual = sum(
-        c / n * math.log((c / n) / (count_a[x] / n * count_b[y] / n)) for (x, y), c in count_ab.items()
+        c / n * math.log((c / n) / (count_a[x] / n * count_b[y] / n))
+        for (x, y), c in count_ab.items()
     )
     if h_a == 0 and h_b == 0:
         return 1.0
@@ -503,7 +517,8 @@ def test_nmi_matches_definition_and_sklearn():
     metrics = pytest.importorskip("sklearn.metrics")
     assert nmi(a, b) == pytest.approx(metrics.normalized_mutual_info_score(a, b), abs=1e-12)
     singletons = np.arange(500)
-    assert nmi(a, singletons) == pytest.approx(metrics.normalized_mutual_info_score(a, singletons), abs=1e-12)
+    assert nmi(a, singletons) == pytest.approx(metrics.normalized_mutual_info_score(a, singletons),
+                                               abs=1e-12)
 
 
 def test_nmi_errors():
@@ -542,7 +557,8 @@ def test_kmeans_trains_on_all_points_and_stats():
     assignments, centroids, stats = run_kmeans(torch.from_numpy(x), 4, pca_dim=0, gpu=False)
     for c in range(4):
         members = x[assignments == c].astype(np.float64)
-        np.testing.assert_allclose(centroids[c], members.mean(0), atol=1e-5)  # the fixed point of Lloyd
+        np.testing.assert_allclose(centroids[c], members.mean(0),
+                                   atol=1e-5)  # the fixed point of Lloyd
     sizes = sorted(Counter(assignments.tolist()).get(c, 0) for c in range(4))
     assert (stats["size_min"], stats["size_max"]) == (sizes[0], sizes[-1])
     assert stats["size_median"] == (sizes[1] + sizes[2]) / 2
@@ -606,7 +622,8 @@ def test_kmeans_several_k_share_the_preprocessing():
     # One PCA for every K gives what separate runs give; single-process distributed_kmeans too.
     x, _ = _blobs(600, 6, 24, seed=4)
     together = run_kmeans_multi(x, [6, 2, 12], seed=3, pca_dim=10, gpu=False)
-    assignments, stats = distributed_kmeans(torch.from_numpy(x).half(), [6, 2, 12], 600, seed=3, pca_dim=10)
+    assignments, stats = distributed_kmeans(torch.from_numpy(x).half(), [6, 2, 12], 600, seed=3,
+                                            pca_dim=10)
     assert assignments.shape == (600, 3) and len(stats) == 3
     half = run_kmeans_multi(torch.from_numpy(x).half(), [6, 2, 12], seed=3, pca_dim=10, gpu=False)
     for i, k in enumerate((6, 2, 12)):
@@ -669,7 +686,8 @@ def test_extract_features_single_process():
     dataset = _IndexedImages(23)
     reference = _RowEncoder()(dataset.images)  # one sequential pass
     loader = DataLoader(dataset, batch_size=5, shuffle=True)
-    features, targets = extract_features(_RowEncoder(), loader, len(dataset), "cpu", storage_dtype=torch.float32)
+    features, targets = extract_features(_RowEncoder(), loader, len(dataset), "cpu",
+                                         storage_dtype=torch.float32)
     assert torch.equal(features, reference) and torch.equal(targets, dataset.targets)
     features, _ = extract_features(_RowEncoder(), loader, len(dataset), "cpu")
     assert features.dtype == torch.float16 and torch.equal(features, reference.half())
@@ -678,7 +696,8 @@ def test_extract_features_single_process():
         extract_features(_RowEncoder(), missing, len(dataset), "cpu")
     images, targets, _ = next(iter(loader))
     with pytest.raises(ValueError, match=r"\[0, 23\)"):
-        extract_features(_RowEncoder(), [(images, targets, torch.arange(5) + 20)], len(dataset), "cpu")
+        extract_features(_RowEncoder(), [(images, targets, torch.arange(5) + 20)], len(dataset),
+                         "cpu")
 
 
 def _distributed_features_worker(rank, world_size, out_dir):
@@ -689,8 +708,10 @@ def _distributed_features_worker(rank, world_size, out_dir):
     result["fp32"] = extract_features(_RowEncoder(), loader, 37, "cpu", storage_dtype=torch.float32)
     result["fp16"] = extract_features(_RowEncoder(), loader, 37, "cpu")
     # 19 and 18 indices: the same number of batches, but last batches of 3 and 2 images.
-    ragged = DataLoader(dataset, batch_size=4, sampler=range(36, -1, -2) if rank == 0 else range(1, 37, 2))
-    result["ragged"] = extract_features(_RowEncoder(), ragged, 37, "cpu", storage_dtype=torch.float32)
+    ragged = DataLoader(dataset, batch_size=4,
+                        sampler=range(36, -1, -2) if rank == 0 else range(1, 37, 2))
+    result["ragged"] = extract_features(_RowEncoder(), ragged, 37, "cpu",
+                                        storage_dtype=torch.float32)
     features = result["fp32"][0]
     result["kmeans"] = distributed_kmeans(features, [3, 6], 37, seed=4, pca_dim=5)
     try:
@@ -723,14 +744,16 @@ def test_extract_features_and_kmeans_two_processes(tmp_path):
     features, targets = rank0["fp32"]
     assert torch.equal(features, reference) and torch.equal(targets, dataset.targets)
     assert torch.equal(rank0["fp16"][0], reference.half())
-    assert torch.equal(rank0["ragged"][0], reference) and torch.equal(rank0["ragged"][1], dataset.targets)
+    assert (torch.equal(rank0["ragged"][0], reference)
+            and torch.equal(rank0["ragged"][1], dataset.targets))
     assert rank1["fp32"] == rank1["fp16"] == rank1["ragged"] == (None, None)
 
     expected = [run_kmeans(reference, k, seed=4, pca_dim=5) for k in (3, 6)]
     for result in (rank0, rank1):
         assignments, stats = result["kmeans"]
         assert assignments.dtype == torch.int64 and assignments.shape == (37, 2)
-        for column, (expected_assignments, _, expected_stats), st in zip(assignments.T, expected, stats):
+        for column, (expected_assignments, _, expected_stats), st in zip(assignments.T, expected,
+                                                                         stats):
             assert torch.equal(column, torch.from_numpy(expected_assignments))
             assert st["objective"] == pytest.approx(expected_stats["objective"])
         assert "k <= N" in result["kmeans_error"]
@@ -746,7 +769,8 @@ def _epoch(assignments, batch_size, num_replicas, drop_last=True, p_same=0.5, se
     n = len(labels)
     per_rank = []
     for rank in range(num_replicas):
-        sampler = PrototypePairSampler(assignments, batch_size, num_replicas, rank, seed, p_same, drop_last)
+        sampler = PrototypePairSampler(assignments, batch_size, num_replicas, rank, seed, p_same,
+                                       drop_last)
         sampler.set_epoch(epoch)
         batches = list(sampler)
         assert len(batches) == len(sampler)
@@ -874,7 +898,8 @@ def test_sampler_errors(kwargs, match):
 # ---------------------------------------------------------------- views of a dataset
 
 def _png_folder(root, n=12, size=16):
-    """An ImageFolder tree of n generated PNGs in two classes; pixel (0, 0) holds the image's number."""
+    """An ImageFolder tree of n generated PNGs in two classes; pixel (0, 0) holds the image's
+    number."""
     g = np.random.default_rng(0)
     for i in range(n):
         folder = os.path.join(root, "train", f"class{i % 2}")
@@ -887,7 +912,8 @@ def _png_folder(root, n=12, size=16):
 
 def test_views_in_memory_follow_the_index_batches_and_the_key():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 8, 8, 3).contiguous()
-    dataset = data.InMemoryImages(images, torch.arange(10) % 3, ["a", "b", "c"], (0.5,) * 3, (0.25,) * 3)
+    dataset = data.InMemoryImages(images, torch.arange(10) % 3, ["a", "b", "c"], (0.5,) * 3,
+                                  (0.25,) * 3)
     views = data.Views(dataset, 8, ((0.5,) * 3, (0.25,) * 3))
     batches = [torch.tensor([3, 1, 4]), torch.tensor([0, 9])]
     for (x, targets, idx), want in zip(views.batches(batches, "eval"), batches):
@@ -913,7 +939,8 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     (a, b), _, _ = next(iter(views[0].batches([[4, 4]], "simclr", key=(3, 0, 1), copies=2)))
     assert torch.equal(a[0], a[1]) and not torch.equal(a[0], b[0])     # one image, two draws
     x, targets, idx = next(iter(views[0].batches([[6, 1]], "eval")))
-    assert x.shape == (2, 3, 16, 16) and targets.tolist() == [folder.targets[6], folder.targets[1]] == [1, 0]
+    assert (x.shape == (2, 3, 16, 16)
+            and targets.tolist() == [folder.targets[6], folder.targets[1]] == [1, 0])
     assert folder.transform is None                      # no view is ever written into the dataset
 
 
@@ -922,7 +949,8 @@ def test_pair_batches_are_the_anchors_then_their_partners():
     sampler = PrototypePairSampler(labels, 8, num_replicas=2, rank=1)
     for triples, idx in zip(sampler, train.pair_batches(sampler)):
         P = len(triples)
-        assert idx[:P].tolist() == [t[0] for t in triples] and idx[P:].tolist() == [t[1] for t in triples]
+        assert (idx[:P].tolist() == [t[0] for t in triples]
+                and idx[P:].tolist() == [t[1] for t in triples])
         assert (labels[idx[:P]] == labels[idx[P:]]).astype(int).tolist() == [t[2] for t in triples]
 
 
@@ -949,9 +977,9 @@ def small_cifar(tmp_path_factory):
 
 
 def _train_args(data_root, out, *extra):
-    return ["--dataset", "cifar10", "--data", data_root, "--out", str(out), "--arch", "resnet18_narrow",
-            "--epochs", "2", "--batch-size", "64", "--num-prototypes", "8", "--warmup-epochs", "1",
-            "--workers", "1", *extra]
+    return ["--dataset", "cifar10", "--data", data_root, "--out", str(out), "--arch",
+            "resnet18_narrow", "--epochs", "2", "--batch-size", "64", "--num-prototypes", "8",
+            "--warmup-epochs", "1", "--workers", "1", *extra]
 
 
 def _metrics(out):
@@ -969,7 +997,8 @@ def _all_finite(value):
 def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, monkeypatch):
     passes = []
     real_extract = cluster.extract_features
-    monkeypatch.setattr(cluster, "extract_features", lambda *a, **k: passes.append(a[2]) or real_extract(*a, **k))
+    monkeypatch.setattr(cluster, "extract_features",
+                        lambda *a, **k: passes.append(a[2]) or real_extract(*a, **k))
     train.main(_train_args(small_cifar, tmp_path, "--knn-every", "1"))
     # Feature passes (train 320, test 80): clustering, kNN; then kNN only, as epoch 1's clustering
     # reuses the train features of epoch 0's kNN pass (same weights).
@@ -978,15 +1007,16 @@ def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, m
     assert [r["epoch"] for r in rows] == [1, 2]                    # the epoch just finished, from 1
     for r in rows:
         assert _all_finite(r) and 0 <= r["knn_top1"] <= 100
-        assert {"loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "sim_tn", "nmi_gt"} <= set(r)
+        assert {"loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "sim_tn",
+                "nmi_gt"} <= set(r)
     assert "nmi_prev" in rows[1]
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["assignments"].shape == (320, 1)
     assert ckpt["config"]["arch"] == "resnet18_narrow"
-    sizes = np.bincount(ckpt["assignments"][:, 0].numpy(), minlength=8)         # the last clustering
+    sizes = np.bincount(ckpt["assignments"][:, 0].numpy(), minlength=8)  # the last clustering
     stats = rows[-1]["kmeans_k8"]
-    assert (sizes.min(), sizes.max(), int((sizes == 0).sum())) == (stats["size_min"], stats["size_max"],
-                                                                  stats["empty_clusters"])
+    assert (sizes.min(), sizes.max(), int((sizes == 0).sum())) == (
+        stats["size_min"], stats["size_max"], stats["empty_clusters"])
 
 
 @pytest.mark.slow
@@ -1021,7 +1051,8 @@ def test_resume_is_exact(small_cifar, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(_train_args(small_cifar, straight))
     for _ in range(2):        # two fresh processes, one epoch each
-        result = _run([sys.executable, "train.py", *_train_args(small_cifar, split, "--stop-after", "1")])
+        result = _run([sys.executable, "train.py",
+                       *_train_args(small_cifar, split, "--stop-after", "1")])
         assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from" in result.stdout
     a = torch.load(straight / "checkpoint.pth", weights_only=True)
@@ -1033,7 +1064,8 @@ def test_resume_is_exact(small_cifar, tmp_path):
     rows_a, rows_b = _metrics(straight), _metrics(split)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn", "nmi_gt"):
+        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn",
+                    "nmi_gt"):
             assert ra[key] == rb[key], key
         assert ra.get("nmi_prev") == rb.get("nmi_prev")
 
@@ -1065,13 +1097,15 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeyp
 
 
 def _torchrun(args, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra, "train.py", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
+            "train.py", *args]
 
 
 @pytest.mark.parametrize("extra,key", [
     (["--epochs", "1"], "kmeans_k8"),
     (["--epochs", "2", "--proto-start-epoch", "1"], "kmeans_k8"),     # heads idle in epoch 0
-    (["--epochs", "1", "--prototypes", "gt", "--w-con", "0", "--w-metric", "0"], "loss_proto"),  # supervised
+    (["--epochs", "1", "--prototypes", "gt", "--w-con", "0", "--w-metric", "0"],
+     "loss_proto"),  # supervised
 ])
 @pytest.mark.slow
 def test_torchrun_two_processes(small_cifar, tmp_path, extra, key):
@@ -1084,12 +1118,12 @@ def test_torchrun_two_processes(small_cifar, tmp_path, extra, key):
 
 @pytest.mark.slow
 def test_torchrun_clusters_exactly_as_one_process(small_cifar, tmp_path):
-    # DDP starts every rank from rank 0's weights, which are the single process's (same seed), so the
-    # first clustering (features of every image in the evaluation view, gathered from both ranks,
-    # before any step) must be the single process's, up to float round-off in the convolutions of
-    # other batch sizes, which may move a point that sits between two centroids. The training steps
-    # that follow see the same global pairs but per-rank views and BatchNorm statistics, so their
-    # loss only agrees roughly.
+    # DDP starts every rank from rank 0's weights, which are the single process's (same seed), so
+    # the first clustering (features of every image in the evaluation view, gathered from both
+    # ranks, before any step) must be the single process's, up to float round-off in the
+    # convolutions of other batch sizes, which may move a point that sits between two centroids. The
+    # training steps that follow see the same global pairs but per-rank views and BatchNorm
+    # statistics, so their loss only agrees roughly.
     args = ("--epochs", "1", "--train-subset", "128", "--knn-every", "0")
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(_train_args(small_cifar, one, *args))
@@ -1112,11 +1146,13 @@ def _descendants(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the workers through Linux /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"),
+                    reason="finds the workers through Linux /proc")
 def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar, tmp_path):
     args = _train_args(small_cifar, tmp_path, "--epochs", "4")
-    proc = subprocess.Popen(_torchrun(args, "--max-restarts", "1"), cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(_torchrun(args, "--max-restarts", "1"), cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.time() + 120
         while not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline:
@@ -1136,12 +1172,13 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(small_cifar,
     assert "resumed from" in output
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 4
-    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]     # the killed epoch logged once
+    assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]  # the killed epoch logged once
 
 
 @pytest.mark.slow
 def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_path):
-    train.main(_train_args(small_cifar, tmp_path / "simclr", "--epochs", "1", "--w-metric", "0", "--w-proto", "0"))
+    train.main(_train_args(small_cifar, tmp_path / "simclr", "--epochs", "1", "--w-metric", "0",
+                           "--w-proto", "0"))
     row = _metrics(tmp_path / "simclr")[0]
     assert "cluster_seconds" not in row and "loss_metric" not in row and "loss_proto" not in row
     assert set(row) >= {"loss_con", "sim_tp"}
@@ -1155,8 +1192,8 @@ def test_simclr_mode_clusters_nothing_and_gt_mode_uses_labels(small_cifar, tmp_p
 @pytest.mark.slow
 def test_on_disk_folder_pipeline_runs(small_cifar, tmp_path):
     # --dataset folder: PIL transforms in DataLoader workers (data.Views on disk).
-    train.main(_train_args(small_cifar, tmp_path, "--dataset", "folder", "--image-size", "32", "--epochs", "1",
-                           "--knn-every", "1", "--num-prototypes", "4,8"))
+    train.main(_train_args(small_cifar, tmp_path, "--dataset", "folder", "--image-size", "32",
+                           "--epochs", "1", "--knn-every", "1", "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]
     assert _all_finite(row) and "kmeans_k8" in row and 0 <= row["knn_top1"] <= 100
 
@@ -1171,19 +1208,22 @@ def test_prototype_heads_restart_identically_whatever_the_global_rng():
     for a, b in zip(*heads):
         assert torch.equal(a, b)
     w = heads[0][0]
-    assert w.std().item() == pytest.approx(0.01, rel=0.3) and not heads[0][1].any()    # N(0, 0.01), zero bias
+    assert (w.std().item() == pytest.approx(0.01, rel=0.3)
+            and not heads[0][1].any())    # N(0, 0.01), zero bias
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prototypes, restarts", [("kmeans", [1, 2]), ("gt", [1])])
-def test_proto_heads_restart_after_each_clustering_only(small_cifar, tmp_path, monkeypatch, prototypes, restarts):
+def test_proto_heads_restart_after_each_clustering_only(small_cifar, tmp_path, monkeypatch,
+                                                        prototypes, restarts):
     # k-means ids are arbitrary each epoch; class ids are not, so a GT head must keep its training.
     seen = []
     original = SPCLModel.reset_proto_heads
 
     def recording(self, generator=None, weights=None):
         if generator is not None:            # None: the constructor's initialisation
-            seen.append(len(_metrics(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl") else 0)
+            seen.append(len(_metrics(tmp_path)) if os.path.exists(tmp_path / "metrics.jsonl")
+                        else 0)
         return original(self, generator, weights)
 
     monkeypatch.setattr(SPCLModel, "reset_proto_heads", recording)
@@ -1194,17 +1234,20 @@ def test_proto_heads_restart_after_each_clustering_only(small_cifar, tmp_path, m
 
 @pytest.mark.slow
 def test_sce_and_several_k_run(small_cifar, tmp_path):
-    train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--proto-loss", "sce", "--num-prototypes", "4,8"))
+    train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--proto-loss", "sce",
+                           "--num-prototypes", "4,8"))
     row = _metrics(tmp_path)[0]
     assert "kmeans_k4" in row and "kmeans_k8" in row and _all_finite(row)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["assignments"].shape == (320, 2)
-    assert ckpt["model"]["proto_heads.0.weight"].shape[0] == 4 and ckpt["model"]["proto_heads.1.weight"].shape[0] == 8
+    assert (ckpt["model"]["proto_heads.0.weight"].shape[0] == 4
+            and ckpt["model"]["proto_heads.1.weight"].shape[0] == 8)
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "/nonexistent"], r"'/nonexistent' is not a directory; give the folder that holds ImageFolder trees "
-                                 r"train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\), "
+    (["--data", "/nonexistent"], r"'/nonexistent' is not a directory; give the folder that holds "
+                                 r"ImageFolder trees train/<class>/\*.jpg and test/<class>/\*.jpg "
+                                 r"\(or torchvision's cifar-10-batches-py/\), "
                                  "or add --download to fetch cifar10 there$"),
     (["--data", HERE], "does not hold cifar10: expected ImageFolder trees train/<class>/"),
     (["--dataset", "imagenet", "--download"], "--download fetches CIFAR only"),
@@ -1225,8 +1268,10 @@ def test_sce_and_several_k_run(small_cifar, tmp_path):
     (["--head-lr", "0"], "--head-lr must be > 0"),
     (["--jitter", "-1"], "--jitter must be >= 0"),
     (["--pca-dim", "-1"], "--pca-dim must be >= 0"),
-    (["--head-init", "centroids", "--prototypes", "gt"], "--head-init centroids needs k-means prototypes"),
-    (["--head-init", "centroids", "--w-proto", "0"], "--head-init centroids needs k-means prototypes"),
+    (["--head-init", "centroids", "--prototypes", "gt"],
+     "--head-init centroids needs k-means prototypes"),
+    (["--head-init", "centroids", "--w-proto", "0"],
+     "--head-init centroids needs k-means prototypes"),
 ])
 @pytest.mark.slow
 def test_train_bad_input_gets_a_clear_error(small_cifar, tmp_path, extra, message):
@@ -1269,13 +1314,15 @@ def test_a_foreign_file_in_out_is_refused_and_kept(small_cifar, tmp_path):
         train.main(_train_args(small_cifar, tmp_path))
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
     torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "checkpoint.pth")
-    with pytest.raises(SystemExit, match=r"^train.py: error: cannot read checkpoint .*: it is a pickle holding "
-                                         r"argparse.Namespace objects, [^\n]*; move it away to start afresh$"):
+    with pytest.raises(SystemExit, match=r"^train.py: error: cannot read checkpoint .*: it is a "
+                                         r"pickle holding argparse.Namespace objects, [^\n]*; "
+                                         r"move it away to start afresh$"):
         train.main(_train_args(small_cifar, tmp_path))
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(small_cifar, tmp_path,
+                                                                       monkeypatch):
     train.main(_train_args(small_cifar, tmp_path, "--stop-after", "1"))
     before = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     calls = []
@@ -1315,7 +1362,8 @@ def _jpeg_tree(root, classes, per_class, splits=("train", "test"), seed=0):
         for k in range(classes):
             os.makedirs(root / split / f"c{k}")
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / f"c{k}" / f"{i}.jpg")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / f"c{k}" / f"{i}.jpg")
     return str(root)
 
 
@@ -1326,21 +1374,25 @@ def test_download_without_network_creates_data_and_says_where_to_put_it(tmp_path
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     root = tmp_path / "data"                      # does not exist yet: --download creates it
     with pytest.raises(SystemExit) as stop:
-        train.main(["--dataset", "cifar10", "--data", str(root), "--download", "--out", str(tmp_path / "run")])
+        train.main(["--dataset", "cifar10", "--data", str(root), "--download", "--out",
+                    str(tmp_path / "run")])
     assert root.is_dir()
     assert re.fullmatch(
-        rf"train.py: error: could not download cifar10 into {re.escape(str(root))} \(URLError: [^\n]*Name or service "
-        r"not known[^\n]*\); without network, put it there yourself as ImageFolder trees train/<class>/\*.jpg and "
-        r"test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\)", stop.value.code), stop.value.code
+        rf"train.py: error: could not download cifar10 into {re.escape(str(root))} "
+        r"\(URLError: [^\n]*Name or service not known[^\n]*\); without network, put it there "
+        r"yourself as ImageFolder trees train/<class>/\*.jpg and test/<class>/\*.jpg "
+        r"\(or torchvision's cifar-10-batches-py/\)", stop.value.code), stop.value.code
 
 
 def test_linear_eval_data_hint_has_no_download_flag(tmp_path):
     _spcl_checkpoint(tmp_path / "checkpoint.pth")
     with pytest.raises(SystemExit) as stop:
-        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path / "dta"), "--knn"])
-    assert re.fullmatch(r"linear_eval.py: error: --data '.*dta' is not a directory; give the folder that holds "
-                        r"ImageFolder trees train/<class>/\*.jpg and test/<class>/\*.jpg \(or torchvision's "
-                        r"cifar-10-batches-py/\)", stop.value.code), stop.value.code
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data",
+                          str(tmp_path / "dta"), "--knn"])
+    assert re.fullmatch(r"linear_eval.py: error: --data '.*dta' is not a directory; give the "
+                        r"folder that holds ImageFolder trees train/<class>/\*.jpg and "
+                        r"test/<class>/\*.jpg \(or torchvision's cifar-10-batches-py/\)",
+                        stop.value.code), stop.value.code
 
 
 def test_a_truncated_jpeg_is_named(tmp_path):
@@ -1352,17 +1404,20 @@ def test_a_truncated_jpeg_is_named(tmp_path):
         f.write(blob[:len(blob) // 2])
     # In-memory CIFAR: decoded in train.py's process, one line.
     with pytest.raises(SystemExit) as stop:
-        train.main(["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--workers", "1"])
-    assert re.fullmatch(rf"train.py: error: cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*",
-                        stop.value.code, re.IGNORECASE), stop.value.code
-    # On disk: read in a DataLoader worker, which wraps the error in its traceback; sentence() is the line.
+        train.main(["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"),
+                    "--workers", "1"])
+    assert re.fullmatch(rf"train.py: error: cannot read image {re.escape(bad)}: "
+                        r"[^\n]*truncated[^\n]*", stop.value.code, re.IGNORECASE), stop.value.code
+    # On disk: read in a DataLoader worker, which wraps the error in its traceback; sentence() is
+    # the line.
     folder = data.load_dataset("folder", root, train=True)
-    loader = DataLoader(data.Transformed(folder, data.eval_transform(32)), batch_size=8, num_workers=1)
+    loader = DataLoader(data.Transformed(folder, data.eval_transform(32)), batch_size=8,
+                        num_workers=1)
     with pytest.raises(data.DataError) as caught:
         list(loader)
     assert "Traceback" in str(caught.value)
-    assert re.fullmatch(rf"cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*", caught.value.sentence(),
-                        re.IGNORECASE)
+    assert re.fullmatch(rf"cannot read image {re.escape(bad)}: [^\n]*truncated[^\n]*",
+                        caught.value.sentence(), re.IGNORECASE)
 
 
 def test_an_unwritable_out_stops_before_any_data_is_loaded(tmp_path, monkeypatch):
@@ -1370,28 +1425,31 @@ def test_an_unwritable_out_stops_before_any_data_is_loaded(tmp_path, monkeypatch
     out = tmp_path / "file" / "run"
     loads = []
     monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: loads.append(args))
-    with pytest.raises(SystemExit, match=rf"^train.py: error: --out '{re.escape(str(out))}' cannot be written "
-                                         r"\(NotADirectoryError: Not a directory\); give a folder you can write to$"):
+    with pytest.raises(SystemExit, match=rf"^train.py: error: --out '{re.escape(str(out))}' "
+                                         r"cannot be written \(NotADirectoryError: "
+                                         r"Not a directory\); give a folder you can write to$"):
         train.main(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(out)])
     _spcl_checkpoint(tmp_path / "checkpoint.pth")
-    with pytest.raises(SystemExit, match=r"^linear_eval.py: error: --out .* cannot be written \(NotADirectoryError"):
-        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path), "--cached",
-                          "--out", str(out / "linear_eval.jsonl")])
+    with pytest.raises(SystemExit, match=r"^linear_eval.py: error: --out .* cannot be written "
+                                         r"\(NotADirectoryError"):
+        linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--data", str(tmp_path),
+                          "--cached", "--out", str(out / "linear_eval.jsonl")])
     assert loads == []
 
 
 @pytest.mark.slow
-def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(small_cifar, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(small_cifar, tmp_path,
+                                                                             monkeypatch, capsys):
     args = _train_args(small_cifar, tmp_path, "--train-subset", "128", "--warmup-epochs", "0")
     train.main(args + ["--stop-after", "1"])
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "loss_total": 7.4')      # a crash while epoch 2 was appended
     capsys.readouterr()
     train.main(args)
-    assert "metrics.jsonl: dropped its half-written last line '{\"epoch\": 2, \"loss_total\": 7.4'" in capsys.readouterr().out
+    assert ("metrics.jsonl: dropped its half-written last line '{\"epoch\": 2, \"loss_total\": 7.4'"
+            in capsys.readouterr().out)
     assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "metrics.jsonl"]          # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "metrics.jsonl"]  # no temporary left
 
     # Finished: said before any data is loaded. --knn-every does not re-plan the schedule.
     saved = (tmp_path / "checkpoint.pth").read_bytes()
@@ -1399,36 +1457,43 @@ def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(sma
     real_load = data.load_dataset
     monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     train.main(args + ["--knn-every", "1"])
-    assert capsys.readouterr().out.startswith(f"{tmp_path} is finished: {tmp_path / 'checkpoint.pth'} holds epoch 2 "
-                                              "of 2, nothing to do")
-    with pytest.raises(SystemExit, match=r"checkpoint.pth was trained on another learning-rate schedule "
-                                         r"\(--epochs 2 -> 3\); .* add --allow-schedule-change"):
+    assert capsys.readouterr().out.startswith(
+        f"{tmp_path} is finished: {tmp_path / 'checkpoint.pth'} holds epoch 2 of 2, nothing to do")
+    with pytest.raises(SystemExit, match=r"checkpoint.pth was trained on another learning-rate "
+                                         r"schedule \(--epochs 2 -> 3\); "
+                                         r".* add --allow-schedule-change"):
         train.main(args + ["--epochs", "3"])
     assert loads == [] and (tmp_path / "checkpoint.pth").read_bytes() == saved
     train.main(args + ["--epochs", "3", "--allow-schedule-change"])
     # 2 steps per epoch, lr 1.0 x 64 / 256, no warm-up: the cosine over 4 steps ended at step 3; the
     # one over 6 steps goes on from step 4.
-    old, new = 0.25 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), 0.25 * 0.5 * (1 + math.cos(math.pi * 4 / 6))
-    assert (f"warning: the learning-rate schedule is re-planned (--epochs 2 -> 3): the lr goes from {old:.4g} at "
-            f"the checkpoint's last step to {new:.4g} now") in capsys.readouterr().out
+    old, new = (0.25 * 0.5 * (1 + math.cos(math.pi * 3 / 4)),
+                0.25 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
+    assert (f"warning: the learning-rate schedule is re-planned (--epochs 2 -> 3): the lr goes "
+            f"from {old:.4g} at the checkpoint's last step to "
+            f"{new:.4g} now") in capsys.readouterr().out
     assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3]
 
     # A damaged line before the last is not guessed at: it is named, and the file is kept.
-    damaged = "garbage\n" + "".join((tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)[1:])
+    damaged = "garbage\n" + "".join(
+        (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)[1:])
     (tmp_path / "metrics.jsonl").write_text(damaged)
-    with pytest.raises(SystemExit, match=r"metrics.jsonl line 1 is not a JSON line of train.py; repair or delete"):
+    with pytest.raises(SystemExit, match=r"metrics.jsonl line 1 is not a JSON line of train.py; "
+                                         r"repair or delete"):
         train.main(args + ["--epochs", "4", "--allow-schedule-change"])
     assert (tmp_path / "metrics.jsonl").read_text() == damaged
 
 
 @pytest.mark.slow
 def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(small_cifar, tmp_path):
-    proc = subprocess.Popen([sys.executable, "train.py", *_train_args(small_cifar, tmp_path, "--epochs", "50",
-                                                                       "--train-subset", "128")],
+    proc = subprocess.Popen([sys.executable, "train.py",
+                             *_train_args(small_cifar, tmp_path, "--epochs", "50",
+                                          "--train-subset", "128")],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline and proc.poll() is None:
+        while (not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline
+               and proc.poll() is None):
             time.sleep(0.1)
         assert os.path.exists(tmp_path / "checkpoint.pth"), "no checkpoint after the first epoch"
         proc.send_signal(signal.SIGINT)
@@ -1439,17 +1504,19 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(small_cifar, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"]
     last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
-    assert re.fullmatch(rf"train.py: interrupted in epoch {saved + 1}/50 (at step [12]/2|before its first step); the "
-                        rf"last checkpoint is {re.escape(str(tmp_path / 'checkpoint.pth'))} \(after epoch {saved}\); "
+    assert re.fullmatch(rf"train.py: interrupted in epoch {saved + 1}/50 "
+                        r"(at step [12]/2|before its first step); the last checkpoint is "
+                        rf"{re.escape(str(tmp_path / 'checkpoint.pth'))} \(after epoch {saved}\); "
                         "run the same command to resume", last), last
 
 
 def test_one_class_metrics_have_no_nan_and_nmi_prev_compares_clusterings_only(tmp_path):
     root = _jpeg_tree(tmp_path / "data", classes=1, per_class=64, splits=("train",))
-    args = ["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--arch", "resnet18_narrow",
-            "--epochs", "3", "--batch-size", "32", "--num-prototypes", "4", "--warmup-epochs", "1",
-            "--proto-start-epoch", "1", "--workers", "1"]
-    train.main(args + ["--stop-after", "1"])            # epoch 1 SimCLR; the prototypes start after resuming
+    args = ["--dataset", "cifar10", "--data", root, "--out", str(tmp_path / "run"), "--arch",
+            "resnet18_narrow", "--epochs", "3", "--batch-size", "32", "--num-prototypes", "4",
+            "--warmup-epochs", "1", "--proto-start-epoch", "1", "--workers", "1"]
+    train.main(args + ["--stop-after", "1"])            # epoch 1 SimCLR; the prototypes start
+                                                        # after resuming
     train.main(args)
 
     def no_constants(name):
@@ -1458,8 +1525,9 @@ def test_one_class_metrics_have_no_nan_and_nmi_prev_compares_clusterings_only(tm
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         rows = [json.loads(line, parse_constant=no_constants) for line in f]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert [r["images_seen"] for r in rows] == [64, 128, 192]        # epoch x the images of an epoch
-    assert all(r["sim_tn"] is None and -1 <= r["sim_fn"] <= 1 for r in rows)     # no pair of two classes
+    assert [r["images_seen"] for r in rows] == [64, 128, 192]  # epoch x the images of an epoch
+    assert all(r["sim_tn"] is None and -1 <= r["sim_fn"] <= 1
+               for r in rows)     # no pair of two classes
     assert "nmi_gt" not in rows[0] and "nmi_gt" in rows[1]
     assert "nmi_prev" not in rows[1] and 0 <= rows[2]["nmi_prev"] <= 1   # no k-means before epoch 2
 
@@ -1470,9 +1538,11 @@ def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():
 
     assert draws(0, data.TRAIN_VIEWS, 3, 5) == draws(0, data.TRAIN_VIEWS, 3, 5)      # reproducible
     # The old seed * 1000003 + epoch * 101 + rank (+ 7 for cluster views) gave the first six
-    # one seed per pair: rank 101 = next epoch's rank 0, rank 7 = cluster views, seed 1 = epoch 9901.
-    keys = [(0, data.TRAIN_VIEWS, 0, 101), (0, data.TRAIN_VIEWS, 1, 0), (0, data.CLUSTER_VIEWS, 0, 0),
-            (0, data.TRAIN_VIEWS, 0, 7), (1, data.TRAIN_VIEWS, 0, 0), (0, data.TRAIN_VIEWS, 9901, 2),
+    # one seed per pair: rank 101 = next epoch's rank 0, rank 7 = cluster views,
+    # seed 1 = epoch 9901.
+    keys = [(0, data.TRAIN_VIEWS, 0, 101), (0, data.TRAIN_VIEWS, 1, 0),
+            (0, data.CLUSTER_VIEWS, 0, 0), (0, data.TRAIN_VIEWS, 0, 7),
+            (1, data.TRAIN_VIEWS, 0, 0), (0, data.TRAIN_VIEWS, 9901, 2),
             (-1, data.TRAIN_VIEWS, 0, 0), (0, data.PROTO_HEADS, 0), (0, data.PROBE_VIEWS, 0, 0)]
     assert len({draws(*k) for k in keys}) == len(keys)
 
@@ -1498,7 +1568,8 @@ def _naive_knn(train_features, train_targets, test_features, test_targets, k, t)
 
 
 def test_knn_hand_computed_toy_case():
-    # Cosine similarities to q1 = [2, 0] are the x-coordinates of the unit vectors: 1, .6, .6, 0, -1.
+    # Cosine similarities to q1 = [2, 0] are the x-coordinates of the unit vectors:
+    # 1, .6, .6, 0, -1.
     # The second 0.6 is scaled by 3: cosine, not dot product, must ignore that.
     train_x = torch.tensor([[1.0, 0.0], [1.8, 2.4], [0.6, -0.8], [0.0, 1.0], [-1.0, 0.0]])
     train_y = torch.tensor([1, 0, 0, 2, 2])
@@ -1523,13 +1594,15 @@ def test_knn_hand_computed_toy_case():
 def test_knn_matches_naive_loop_in_fp16_blocks(chunk):
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 16, generator=g)
-    train_y, test_y = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (60,), generator=g)
+    train_y, test_y = (torch.randint(0, 5, (300,), generator=g),
+                       torch.randint(0, 5, (60,), generator=g))
     train_x = (centres[train_y] + 1.5 * torch.randn(300, 16, generator=g)).half()
     test_x = (centres[test_y] + 1.5 * torch.randn(60, 16, generator=g)).half()
     for k, t in ((20, 0.1), (7, 0.5)):
         expected = _naive_knn(train_x, train_y, test_x, test_y, k, t)
         assert 20 < expected < 100                           # a case that can tell right from wrong
-        assert knn_top1(train_x, train_y, test_x, test_y, k=k, temperature=t, chunk=chunk) == pytest.approx(expected)
+        assert knn_top1(train_x, train_y, test_x, test_y, k=k, temperature=t,
+                        chunk=chunk) == pytest.approx(expected)
 
 
 def test_knn_rejects_mismatched_shapes():
@@ -1585,13 +1658,15 @@ def test_probe_reaches_95_percent_on_linearly_separable_features():
 def _spcl_checkpoint(path, arch="resnet18_narrow", dataset="cifar10", image_size=32, model=None):
     """A file in train.py's checkpoint.pth format; returns the model it holds."""
     model = model or SPCLModel(arch, image_size <= 64, [8])
-    torch.save({"model": model.state_dict(), "config": {"arch": arch, "dataset": dataset, "image_size": image_size},
+    torch.save({"model": model.state_dict(),
+                "config": {"arch": arch, "dataset": dataset, "image_size": image_size},
                 "epoch": 3}, path)
     return model
 
 
 def _with_bn_statistics(encoder, size):
-    """BN running statistics that differ from their initial 0 and 1, so that export must carry them."""
+    """BN running statistics that differ from their initial 0 and 1, so that export must
+    carry them."""
     encoder.train()
     with torch.no_grad():
         encoder(torch.randn(4, 3, size, size))
@@ -1613,10 +1688,12 @@ def test_export_from_checkpoint_of_cifar_stem_roundtrips(tmp_path):
     model = SPCLModel("resnet18_narrow", cifar_stem=True, num_prototypes=[8])
     _with_bn_statistics(model.encoder, 32)
     _spcl_checkpoint(tmp_path / "checkpoint.pth", model=model)
-    linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--export", str(tmp_path / "enc.pth")])
+    linear_eval.main(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--export",
+                      str(tmp_path / "enc.pth")])
     state = torch.load(tmp_path / "enc.pth", weights_only=True)
     assert not any(key.startswith("fc.") for key in state)
-    network = build_encoder("resnet18_narrow", cifar_stem=True)[0]   # the CIFAR-stem model of models.py
+    network = build_encoder("resnet18_narrow", cifar_stem=True)[0]   # the CIFAR-stem model of
+                                                                     # models.py
     network.load_state_dict(state, strict=True)
     loaded, info = load_encoder(str(tmp_path / "enc.pth"), arch="resnet18_narrow")
     assert info["cifar_stem"] and info["format"] == "torchvision"
@@ -1636,26 +1713,32 @@ def test_plain_state_dict_with_fc_loads(tmp_path):
 
 
 def test_bad_checkpoints_get_clear_messages(tmp_path):
-    expected = r"; expected train.py's checkpoint.pth or a state dict of tensors \(torch.save\(encoder.state_dict\(\)\)\)$"
+    expected = (r"; expected train.py's checkpoint.pth or a state dict of tensors "
+                r"\(torch.save\(encoder.state_dict\(\)\)\)$")
     with pytest.raises(ValueError, match="does not exist"):
         load_encoder(str(tmp_path / "nothing.pth"))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match=r"'.*empty' is a folder, not a file" + expected):
         load_encoder(str(tmp_path / "empty"))
     _spcl_checkpoint(tmp_path / "checkpoint.pth")
-    with pytest.raises(ValueError, match=rf"is a folder, not a file; did you mean {re.escape(str(tmp_path))}/checkpoint.pth\?$"):
+    with pytest.raises(ValueError, match=r"is a folder, not a file; did you mean "
+                                         rf"{re.escape(str(tmp_path))}/checkpoint.pth\?$"):
         load_encoder(str(tmp_path))
     blob = (tmp_path / "checkpoint.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pth: it is a torch.save file cut short or damaged \(an interrupted copy or download\?\)" + expected):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pth: it is a "
+                                         r"torch.save file cut short or damaged "
+                                         r"\(an interrupted copy or download\?\)" + expected):
         load_encoder(str(tmp_path / "truncated.pth"))
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*text.pth: it is not a torch.save file" + expected):
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*text.pth: it is not a "
+                                         r"torch.save file" + expected):
         load_encoder(str(tmp_path / "text.pth"))
     torch.save({"args": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.pth")
     with pytest.raises(ValueError) as caught:
         load_encoder(str(tmp_path / "namespace.pth"))
-    assert re.search(r"namespace.pth: it is a pickle holding argparse.Namespace objects, .*" + expected, str(caught.value))
+    assert re.search(r"namespace.pth: it is a pickle holding argparse.Namespace objects, .*"
+                     + expected, str(caught.value))
     assert "weights_only=False" not in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="resnet18_narrow encoder .* but --arch resnet50"):
         load_encoder(str(tmp_path / "checkpoint.pth"), arch="resnet50")
@@ -1684,9 +1767,9 @@ def encoders(small_cifar, tmp_path_factory):
     """{"fresh": a random encoder as a plain state dict, "pretrained": train.py's checkpoint.pth
     after one short epoch of SPCL}, with the extra flags each needs."""
     out = tmp_path_factory.mktemp("spcl_run")
-    train.main(["--dataset", "cifar10", "--data", small_cifar, "--train-subset", "256", "--epochs", "1",
-                "--batch-size", "64", "--arch", "resnet18_narrow", "--num-prototypes", "8", "--out", str(out),
-                "--workers", "1"])
+    train.main(["--dataset", "cifar10", "--data", small_cifar, "--train-subset", "256",
+                "--epochs", "1", "--batch-size", "64", "--arch", "resnet18_narrow",
+                "--num-prototypes", "8", "--out", str(out), "--workers", "1"])
     torch.manual_seed(0)
     export_encoder(build_encoder("resnet18_narrow", cifar_stem=True)[0], str(out / "fresh.pth"))
     return {"fresh": [str(out / "fresh.pth"), "--arch", "resnet18_narrow", "--dataset", "cifar10"],
@@ -1696,7 +1779,8 @@ def encoders(small_cifar, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["cached", "augmented"])
 @pytest.mark.parametrize("which", ["fresh", "pretrained"])
-def test_linear_eval_on_real_cifar_leaves_the_encoder_alone(small_cifar, encoders, which, mode, tmp_path, monkeypatch):
+def test_linear_eval_on_real_cifar_leaves_the_encoder_alone(small_cifar, encoders, which, mode,
+                                                            tmp_path, monkeypatch):
     seen = {}
 
     def spy(*args, **kwargs):                    # keep the very encoder main() trains against
@@ -1705,8 +1789,9 @@ def test_linear_eval_on_real_cifar_leaves_the_encoder_alone(small_cifar, encoder
 
     monkeypatch.setattr(linear_eval, "load_encoder", spy)
     linear_eval.main(["--checkpoint", *encoders[which], "--data", small_cifar, "--subset", "200",
-                      "--test-subset", "60", "--epochs", "2", "--batch-size", "64", "--workers", "0",
-                      "--out", str(tmp_path)] + (["--cached"] if mode == "cached" else []))
+                      "--test-subset", "60", "--epochs", "2", "--batch-size", "64",
+                      "--workers", "0", "--out", str(tmp_path)]
+                     + (["--cached"] if mode == "cached" else []))
     with open(tmp_path / "linear_eval.jsonl") as f:
         (result,) = [json.loads(line) for line in f]
     assert result["mode"] == mode and result["encoder_unchanged"] is True
@@ -1720,8 +1805,9 @@ def test_linear_eval_on_real_cifar_leaves_the_encoder_alone(small_cifar, encoder
 
 @pytest.mark.slow
 def test_knn_mode_matches_a_plain_forward_pass(small_cifar, encoders, tmp_path):
-    result = linear_eval.main(["--checkpoint", *encoders["pretrained"], "--data", small_cifar, "--knn",
-                               "--knn-k", "20", "--workers", "0", "--out", str(tmp_path / "knn.jsonl")])
+    result = linear_eval.main(["--checkpoint", *encoders["pretrained"], "--data", small_cifar,
+                               "--knn", "--knn-k", "20", "--workers", "0",
+                               "--out", str(tmp_path / "knn.jsonl")])
     encoder, _ = load_encoder(encoders["pretrained"][0])
     encoder.eval()
     features = {}
@@ -1739,14 +1825,16 @@ def test_knn_mode_matches_a_plain_forward_pass(small_cifar, encoders, tmp_path):
 @pytest.mark.slow
 def test_augmented_probe_under_torchrun_with_two_processes(small_cifar, encoders, tmp_path):
     out = tmp_path / "result.jsonl"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "linear_eval.py", "--checkpoint", *encoders["pretrained"], "--data", small_cifar, "--epochs", "1",
-               "--batch-size", "64", "--workers", "0", "--out", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "linear_eval.py", "--checkpoint", *encoders["pretrained"],
+               "--data", small_cifar, "--epochs", "1", "--batch-size", "64", "--workers", "0",
+               "--out", str(out)]
     finished = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stderr[-2000:]
     with open(out) as f:
         (result,) = [json.loads(line) for line in f]          # one line: rank 0 alone writes
-    assert result["world_size"] == 2 and result["mode"] == "augmented" and result["encoder_unchanged"]
+    assert (result["world_size"] == 2 and result["mode"] == "augmented"
+            and result["encoder_unchanged"])
     assert 0 <= result["top1"] <= result["top5"] <= 100
 
 
@@ -1761,14 +1849,18 @@ def _write_lines(path, rows):
 
 
 def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "report.py"))
+    spec = importlib.util.spec_from_file_location("report",
+                                                  os.path.join(HERE, "experiments", "report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    epoch = {"epoch": 1, "knn_top1": 40.0, "sim_tp": 0.6, "sim_fn": 0.2, "images_seen": 512, "epoch_seconds": 60.0}
+    epoch = {"epoch": 1, "knn_top1": 40.0, "sim_tp": 0.6, "sim_fn": 0.2, "images_seen": 512,
+             "epoch_seconds": 60.0}
     cached, augmented = {"mode": "cached", "top1": 45.0}, {"mode": "augmented", "top1": 41.0}
     _write_lines(tmp_path / "a" / "metrics.jsonl", [epoch])
-    _write_lines(tmp_path / "a" / "linear_eval.jsonl", [cached, augmented, {"mode": "knn", "knn_top1": 39.0}])
-    _write_lines(tmp_path / "b" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 31.5}, {"mode": "cached", "top1": 30.0}])
+    _write_lines(tmp_path / "a" / "linear_eval.jsonl",
+                 [cached, augmented, {"mode": "knn", "knn_top1": 39.0}])
+    _write_lines(tmp_path / "b" / "linear_eval.jsonl",
+                 [{"mode": "knn", "knn_top1": 31.5}, {"mode": "cached", "top1": 30.0}])
     _write_lines(tmp_path / "c" / "linear_eval.jsonl", [{"mode": "knn", "knn_top1": 20.0}])
     os.makedirs(tmp_path / "d")
     _write_lines(tmp_path / "e" / "linear_eval.jsonl", [cached])
@@ -1776,11 +1868,15 @@ def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsy
         f.write('{"mode": "cac')
     report.main(str(tmp_path))
     out, err = capsys.readouterr()
-    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out.splitlines() if line.startswith("| ")}
-    assert table == {"row": ["kNN top-1", "linear top-1"], "a": ["40.00", "45.00"], "b": ["31.50", "30.00"]}
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out.splitlines()
+             if line.startswith("| ")}
+    assert table == {"row": ["kNN top-1", "linear top-1"], "a": ["40.00", "45.00"],
+                     "b": ["31.50", "30.00"]}
     assert err.splitlines() == [
-        "report.py: skipped c: no linear_eval.py --cached result in its linear_eval.jsonl (only knn)",
-        "report.py: skipped d: no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)",
+        "report.py: skipped c: no linear_eval.py --cached result in its linear_eval.jsonl "
+        "(only knn)",
+        "report.py: skipped d: no linear_eval.jsonl (run linear_eval.py --cached --out on this "
+        "folder)",
         f"report.py: skipped e: {tmp_path / 'e' / 'linear_eval.jsonl'} line 2 is not JSON"]
     report.main(str(tmp_path / "a"))                       # one run folder
     assert "| a | 40.00 | 45.00 |" in capsys.readouterr().out
@@ -1790,8 +1886,8 @@ def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsy
 
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
-    with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves out: "
-                                         "pip install matplotlib$"):
+    with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves "
+                                         "out: pip install matplotlib$"):
         runpy.run_path(os.path.join(HERE, "experiments", "plot.py"), run_name="__main__")
 
 
@@ -1800,16 +1896,17 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 # Tiny settings for the README's commands: one epoch of SPCL on 256 images, with the kNN monitor.
-README_SCALE = {"train.py": {"--epochs": "1", "--proto-start-epoch": "0", "--knn-every": "1", "--batch-size": "64",
-                             "--train-subset": "256", "--num-prototypes": "8", "--warmup-epochs": "1",
-                             "--image-size": "32", "--workers": "1"},
+README_SCALE = {"train.py": {"--epochs": "1", "--proto-start-epoch": "0", "--knn-every": "1",
+                             "--batch-size": "64", "--train-subset": "256", "--num-prototypes": "8",
+                             "--warmup-epochs": "1", "--image-size": "32", "--workers": "1"},
                 "linear_eval.py": {"--epochs": "1", "--batch-size": "64", "--workers": "0"}}
 
 
 def _readme_steps():
     """The commands of the README's 'Train' and 'Evaluate and export', in order: ("sh", argv) for
-    each `python ...` line of a bash block, ("py", code) for a python block. Left out: pip, torchrun,
-    and the lines that need what a test has not (a network: --download; data at /path/to/...)."""
+    each `python ...` line of a bash block, ("py", code) for a python block. Left out: pip,
+    torchrun, and the lines that need what a test has not (a network: --download; data at
+    /path/to/...)."""
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
     steps = []
@@ -1868,32 +1965,35 @@ def test_readme_walkthrough_end_to_end(small_cifar, tmp_path):
     whose ./data is CIFAR-10 as a user has it (an ImageFolder tree of real JPEGs, few of them).
     Every train.py command is run twice: the second time it must say the run is finished."""
     clone = tmp_path / "clone"
-    shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(".git", "runs", "data", "results", "__pycache__",
-                                                               ".pytest_cache", "*.pth"))
+    shutil.copytree(HERE, clone, ignore=shutil.ignore_patterns(
+        ".git", "runs", "data", "results", "__pycache__", ".pytest_cache", "*.pth"))
     os.symlink(small_cifar, clone / "data")
     steps = []
     for kind, step in _readme_steps():
         repeats = 2 if kind == "sh" and step[1] == "train.py" else 1
         steps += [(kind, _scaled(step) if kind == "sh" else step)] * repeats
     assert [step[1] for kind, step in steps if kind == "sh"] == [
-        "train.py", "train.py", "linear_eval.py", "linear_eval.py", "linear_eval.py", "experiments/report.py",
-        "linear_eval.py"]
-    done = subprocess.run([sys.executable, "-c", _README_RUNNER, json.dumps(steps)], cwd=clone, capture_output=True,
-                          text=True, timeout=240)
+        "train.py", "train.py", "linear_eval.py", "linear_eval.py", "linear_eval.py",
+        "experiments/report.py", "linear_eval.py"]
+    done = subprocess.run([sys.executable, "-c", _README_RUNNER, json.dumps(steps)], cwd=clone,
+                          capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = json.loads(done.stdout.splitlines()[-1])
     for report in reports:
         assert report["code"] in (0, None) and "Traceback" not in report["stderr"], report
     outputs = [report["stdout"] for report in reports]
-    assert "runs/cpu_spcl is finished: runs/cpu_spcl/checkpoint.pth holds epoch 1 of 1, nothing to do" in outputs[1]
+    assert ("runs/cpu_spcl is finished: runs/cpu_spcl/checkpoint.pth holds epoch 1 of 1, "
+            "nothing to do" in outputs[1])
     with open(clone / "runs" / "cpu_spcl" / "linear_eval.jsonl") as f:
         results = [json.loads(line) for line in f]
     assert [r["mode"] for r in results] == ["cached", "augmented", "knn"]
     assert all(r["checkpoint_epoch"] == 1 and r["train_images"] == 320 for r in results)
     row = re.search(r"^\| cpu_spcl \| (\S+) \| (\S+) \|", outputs[5], re.M)
-    assert row and float(row[2]) == pytest.approx(results[0]["top1"], abs=0.005)     # the --cached result
-    assert float(row[1]) == pytest.approx(_metrics(clone / "runs" / "cpu_spcl")[-1]["knn_top1"], abs=0.005)
-    assert outputs[-1].strip() == "torch.Size([2, 128])"                            # the export, loaded
+    assert row and float(row[2]) == pytest.approx(results[0]["top1"],
+                                                  abs=0.005)     # the --cached result
+    assert float(row[1]) == pytest.approx(_metrics(clone / "runs" / "cpu_spcl")[-1]["knn_top1"],
+                                          abs=0.005)
+    assert outputs[-1].strip() == "torch.Size([2, 128])"  # the export, loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1902,8 +2002,9 @@ def test_readme_walkthrough_end_to_end(small_cifar, tmp_path):
 
 
 
-@pytest.mark.parametrize("op,name,low,high", [(0, "adjust_brightness", 0.6, 1.4), (1, "adjust_contrast", 0.6, 1.4),
-                                              (2, "adjust_saturation", 0.6, 1.4), (3, "adjust_hue", -0.1, 0.1)])
+@pytest.mark.parametrize("op,name,low,high", [
+    (0, "adjust_brightness", 0.6, 1.4), (1, "adjust_contrast", 0.6, 1.4),
+    (2, "adjust_saturation", 0.6, 1.4), (3, "adjust_hue", -0.1, 0.1)])
 def test_colour_jitter_operations_match_torchvision(op, name, low, high):
     g = torch.Generator().manual_seed(op)
     x = torch.rand(6, 3, 9, 7, generator=g)
@@ -1919,7 +2020,8 @@ def test_crop_resize_matches_torchvision_resized_crop():
     assert torch.allclose(same, x, atol=1e-6)                       # the whole image: untouched
     box = (5, 3, 16, 12)                                            # x1, y1, w, h: enlarged to 32
     got = data.crop_resize(x[:1], torch.tensor([[5.0, 3, 21, 15]]), 32)[0]
-    expected = TF.resized_crop(x[0], top=3, left=5, height=12, width=16, size=[32, 32], antialias=False)
+    expected = TF.resized_crop(x[0], top=3, left=5, height=12, width=16, size=[32, 32],
+                               antialias=False)
     # Inside the crop both sample the same points; at its border roi_align may read the pixel
     # just outside the crop where torchvision clamps, so compare the interior.
     assert torch.allclose(got[:, 2:-2, 2:-2], expected[:, 2:-2, 2:-2], atol=1e-5), box
@@ -1927,22 +2029,28 @@ def test_crop_resize_matches_torchvision_resized_crop():
 
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     n, H, W = 4000, 32, 32
-    boxes = data.BatchAugment(32, data.MEAN_STD["cifar10"]).crop_boxes(n, H, W, torch.Generator().manual_seed(0))
+    boxes = data.BatchAugment(32, data.MEAN_STD["cifar10"]).crop_boxes(
+        n, H, W, torch.Generator().manual_seed(0))
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all() and (w >= 1).all()
+    assert ((boxes[:, :2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+            and (w >= 1).all())
     torch.manual_seed(0)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, H, W), [0.08, 1.0], [3 / 4, 4 / 3])
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, H, W), [0.08, 1.0],
+                                                       [3 / 4, 4 / 3])
                         for _ in range(n)], dtype=torch.float32)          # (top, left, h, w)
-    for ours, theirs in [(w * h / (H * W), ref[:, 2] * ref[:, 3] / (H * W)), (torch.log(w / h), torch.log(ref[:, 3] / ref[:, 2])),
+    for ours, theirs in [(w * h / (H * W), ref[:, 2] * ref[:, 3] / (H * W)),
+                         (torch.log(w / h), torch.log(ref[:, 3] / ref[:, 2])),
                          (boxes[:, 0], ref[:, 1])]:
         assert abs(ours.mean() - theirs.mean()) < 4 * theirs.std() / math.sqrt(n) + 0.01
         assert abs(ours.std() - theirs.std()) < 0.1 * theirs.std()
 
 
 def test_batch_augment_output():
-    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     augment = data.BatchAugment(24, data.MEAN_STD["cifar10"])
     a = augment(images, torch.Generator().manual_seed(1))
     b = augment(images, torch.Generator().manual_seed(1))
-    assert a.shape == (16, 3, 24, 24) and a.dtype == torch.float32 and torch.equal(a, b)    # reproducible
+    assert (a.shape == (16, 3, 24, 24) and a.dtype == torch.float32
+            and torch.equal(a, b))    # reproducible
     assert not torch.equal(a, augment(images, torch.Generator().manual_seed(2)))

@@ -36,31 +36,35 @@ from sampler import PrototypePairSampler
 # Defaults that differ by dataset; CIFAR's are the official code's (the paper's own were not given).
 DATASET_DEFAULTS = {
     # Colour jitter 0.5 is SimCLR's CIFAR recipe; the official SPCL config uses 1.0 (as ImageNet).
-    "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32,
-                    jitter=0.5),
-    "cifar100": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512", temperature=0.5, image_size=32,
-                     jitter=0.5),
+    "cifar10": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512",
+                    temperature=0.5, image_size=32, jitter=0.5),
+    "cifar100": dict(arch="resnet18", epochs=1000, batch_size=512, num_prototypes="512",
+                     temperature=0.5, image_size=32, jitter=0.5),
     # ImageNet: SimCLR's ResNet-50 recipe (temperature 0.1 at large batch), one prototype per class.
-    "imagenet": dict(arch="resnet50", epochs=200, batch_size=1024, num_prototypes="1000", temperature=0.1, image_size=224,
-                     jitter=1.0),
-    "folder": dict(arch="resnet50", epochs=200, batch_size=256, num_prototypes="100", temperature=0.5, image_size=224,
-                   jitter=1.0),
+    "imagenet": dict(arch="resnet50", epochs=200, batch_size=1024, num_prototypes="1000",
+                     temperature=0.1, image_size=224, jitter=1.0),
+    "folder": dict(arch="resnet50", epochs=200, batch_size=256, num_prototypes="100",
+                   temperature=0.5, image_size=224, jitter=1.0),
 }
 # Format 2: the prototype heads have an optimiser of their own (format 1 had them inside LARS).
 CHECKPOINT_FORMAT = 2
 # A checkpoint is refused when one of these differs from the current run.
-STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on", "w_proto_on")
+STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on",
+              "w_proto_on")
 # These re-plan the learning-rate schedule: refused on resume unless --allow-schedule-change.
 SCHEDULE = ("epochs", "batch_size", "lr", "warmup_epochs", "train_subset")
 # Where training stands, for the one line that Ctrl-C ends with (the end of this file).
-progress = {"epoch": None, "epochs": None, "step": None, "steps": None, "checkpoint": None, "saved_epoch": 0}
+progress = {"epoch": None, "epochs": None, "step": None, "steps": None, "checkpoint": None,
+            "saved_epoch": 0}
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
-    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data (created) if missing")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR into --data (created) if missing")
     p.add_argument("--out", default="runs/spcl", help="folder for checkpoint.pth and metrics.jsonl")
     p.add_argument("--arch", help=f"encoder: {', '.join(ARCHS)} (default: per dataset)")
     p.add_argument("--epochs", type=int)
@@ -70,40 +74,56 @@ def get_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=10)
     p.add_argument("--temperature", type=float, help="NT-Xent temperature")
     p.add_argument("--image-size", type=int)
-    p.add_argument("--jitter", type=float, help="colour-jitter strength s (0.8s, 0.8s, 0.8s, 0.2s; default: "
-                                                "CIFAR 0.5 as SimCLR's CIFAR recipe, ImageNet 1.0; official SPCL: 1.0)")
+    p.add_argument("--jitter", type=float,
+                   help="colour-jitter strength s (0.8s, 0.8s, 0.8s, 0.2s; default: CIFAR 0.5 as "
+                        "SimCLR's CIFAR recipe, ImageNet 1.0; official SPCL: 1.0)")
     # Eq. 5 and Table 2.
     p.add_argument("--w-con", type=float, default=1.0, help="weight of NT-Xent (Eq. 1-2)")
-    p.add_argument("--w-metric", type=float, default=1.0, help="weight of the Siamese metric loss (Eq. 3)")
+    p.add_argument("--w-metric", type=float, default=1.0,
+                   help="weight of the Siamese metric loss (Eq. 3)")
     p.add_argument("--w-proto", type=float, default=1.0, help="weight of the prototype CE (Eq. 4)")
-    p.add_argument("--proto-loss", choices=("ce", "sce"), default="ce", help="plain or symmetric CE (Eq. 4)")
+    p.add_argument("--proto-loss", choices=("ce", "sce"), default="ce",
+                   help="plain or symmetric CE (Eq. 4)")
     p.add_argument("--contrast", choices=CONTRAST_MODES,
-                   help="which views share NT-Xent's softmax (losses.spcl_loss); default: per-side for "
-                        "SPCL, joint (all views, standard SimCLR) with --w-metric 0 --w-proto 0")
+                   help="which views share NT-Xent's softmax (losses.spcl_loss); default: "
+                        "per-side for SPCL, joint (all views, standard SimCLR) with --w-metric 0 "
+                        "--w-proto 0")
     p.add_argument("--head-lr", type=float, default=1.0,
-                   help="lr of the prototype heads' own SGD (constant, no momentum), scaled by batch/256")
+                   help="lr of the prototype heads' own SGD (constant, no momentum), scaled by "
+                        "batch/256")
     p.add_argument("--head-init", choices=("random", "centroids"), default="random",
-                   help="prototype heads after each clustering: N(0, 0.01), or each row the cluster's mean feature")
+                   help="prototype heads after each clustering: N(0, 0.01), or each row the "
+                        "cluster's mean feature")
     p.add_argument("--prototypes", choices=("kmeans", "gt"), default="kmeans",
                    help="k-means clusters, or the ground-truth classes (Table 2's SPCL (GT))")
-    p.add_argument("--num-prototypes", help="K, or a comma list for several clusterings (one head each)")
-    p.add_argument("--p-same", type=float, default=0.5, help="share of same-prototype pairs in a batch")
+    p.add_argument("--num-prototypes",
+                   help="K, or a comma list for several clusterings (one head each)")
+    p.add_argument("--p-same", type=float, default=0.5,
+                   help="share of same-prototype pairs in a batch")
     p.add_argument("--no-same-image-pairs", action="store_true",
-                   help="Eq. 3 on the cross-image pairs only (the official code adds (a, a') and (b, b'))")
+                   help="Eq. 3 on the cross-image pairs only (the official code adds (a, a') and "
+                        "(b, b'))")
     p.add_argument("--cluster-aug", action="store_true",
-                   help="cluster features of one random augmentation (the paper) instead of the eval view")
+                   help="cluster features of one random augmentation (the paper) instead of the "
+                        "eval view")
     p.add_argument("--pca-dim", type=int,
-                   help="PCA-whitening before k-means; 0 = off (default: min(256, F / 2), F the feature size)")
+                   help="PCA-whitening before k-means; 0 = off (default: min(256, F / 2), F the "
+                        "feature size)")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--proto-start-epoch", type=int, default=0,
-                   help="N epochs of plain SimCLR first, while clusters are still noise; prototypes from epoch N+1")
-    p.add_argument("--knn-every", type=int, default=0, help="kNN top-1 on the test set every N epochs; 0 = never")
-    p.add_argument("--train-subset", type=int, default=0, help="train on a fixed random subset of N images")
+                   help="N epochs of plain SimCLR first, while clusters are still noise; "
+                        "prototypes from epoch N+1")
+    p.add_argument("--knn-every", type=int, default=0,
+                   help="kNN top-1 on the test set every N epochs; 0 = never")
+    p.add_argument("--train-subset", type=int, default=0,
+                   help="train on a fixed random subset of N images")
     p.add_argument("--stop-after", type=int, default=0,
-                   help="exit after this many epochs of this run (a job slot shorter than the schedule)")
+                   help="exit after this many epochs of this run (a job slot shorter than the "
+                        "schedule)")
     p.add_argument("--allow-schedule-change", action="store_true",
-                   help="resume although --epochs, --lr, --batch-size, --warmup-epochs or --train-subset differ "
-                        "from the checkpoint's (the lr schedule is re-planned)")
+                   help="resume although --epochs, --lr, --batch-size, --warmup-epochs or "
+                        "--train-subset differ from the checkpoint's (the lr schedule is "
+                        "re-planned)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -116,7 +136,8 @@ def get_args(argv=None):
 
 
 def prototype_counts(text):
-    """--num-prototypes "50,512" -> [50, 512]; ValueError when it is not a comma list of integers."""
+    """--num-prototypes "50,512" -> [50, 512]; ValueError when it is not a comma list of
+    integers."""
     return [int(k) for k in str(text).split(",")]
 
 
@@ -129,8 +150,8 @@ def check_args(args, world):
     problems = [
         (args.arch not in ARCHS, f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}"),
         (args.batch_size < 2 or args.batch_size % (2 * world),
-         f"--batch-size {args.batch_size} must be a positive multiple of 2 x world size = {2 * world} "
-         "(it counts images, made of pairs, split evenly over the ranks)"),
+         f"--batch-size {args.batch_size} must be a positive multiple of 2 x world size = "
+         f"{2 * world} (it counts images, made of pairs, split evenly over the ranks)"),
         (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
         (not args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -141,16 +162,20 @@ def check_args(args, world):
         (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (not args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
         (not min(args.w_con, args.w_metric, args.w_proto) >= 0,
-         f"loss weights must be >= 0, got --w-con {args.w_con} --w-metric {args.w_metric} --w-proto {args.w_proto}"),
-        (not args.w_con + args.w_metric + args.w_proto > 0, "all three loss weights are 0: nothing to train"),
+         f"loss weights must be >= 0, got --w-con {args.w_con} --w-metric {args.w_metric} "
+         f"--w-proto {args.w_proto}"),
+        (not args.w_con + args.w_metric + args.w_proto > 0,
+         "all three loss weights are 0: nothing to train"),
         (not args.w_con and args.proto_start_epoch > 0,
          f"--w-con 0 leaves nothing to train before --proto-start-epoch {args.proto_start_epoch} "
          "(those epochs are NT-Xent alone): drop one of the two"),
         (not 0 <= args.p_same <= 1, f"--p-same must be in [0, 1], got {args.p_same}"),
         (any(k < 2 for k in ks), f"--num-prototypes {args.num_prototypes}: each K must be >= 2"),
-        *[(getattr(args, name) < 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        *[(getattr(args, name) < 0,
+           f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
           for name in ("proto_start_epoch", "knn_every", "train_subset", "stop_after", "workers")],
-        (args.pca_dim is not None and args.pca_dim < 0, f"--pca-dim must be >= 0, got {args.pca_dim}"),
+        (args.pca_dim is not None and args.pca_dim < 0,
+         f"--pca-dim must be >= 0, got {args.pca_dim}"),
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
         (args.image_size < 8, f"--image-size must be >= 8, got {args.image_size}"),
         (args.download and args.dataset not in data.SMALL,
@@ -188,8 +213,8 @@ def prototype_assignments(args, epoch, ks, targets, features, device):
     if args.prototypes == "gt":
         return targets[:, None], {}
     assignments, kmeans_stats = cluster.distributed_kmeans(
-        features, ks, len(targets), seed=args.seed + epoch, niter=args.kmeans_iters, pca_dim=args.pca_dim,
-        device=device)
+        features, ks, len(targets), seed=args.seed + epoch, niter=args.kmeans_iters,
+        pca_dim=args.pca_dim, device=device)
     return assignments, {f"kmeans_k{k}": st for k, st in zip(ks, kmeans_stats)}
 
 
@@ -235,7 +260,8 @@ def restart_heads(args, epoch, model, ks, features, assignments, world, device):
 
 
 def pair_batches(sampler):
-    """The sampler's (anchor, partner, same) triples -> index batches [2P]: P anchors, then partners."""
+    """The sampler's (anchor, partner, same) triples -> index batches [2P]: P anchors, then
+    partners."""
     for triples in sampler:
         t = torch.tensor(triples)                              # P x 3
         yield torch.cat([t[:, 0], t[:, 1]])                    # 2P
@@ -244,19 +270,21 @@ def pair_batches(sampler):
 def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device):
     """One pass over the training set on Eq. 5 (LARS for the network, its own SGD for the prototype
     heads). Returns the epoch's statistics: mean losses, over the last 20 steps too, lr, speed."""
-    model, optimizer, proto_optimizer, scaler = run["model"], run["optimizer"], run["proto_optimizer"], run["scaler"]
+    model, optimizer, proto_optimizer, scaler = (run["model"], run["optimizer"],
+                                                 run["proto_optimizer"], run["scaler"])
     sampler, steps = run["sampler"], len(run["sampler"])
-    term_names = (["con"] if args.w_con else []) + (["metric"] if use_prototypes and args.w_metric else []) \
+    term_names = (["con"] if args.w_con else []) \
+        + (["metric"] if use_prototypes and args.w_metric else []) \
         + (["proto"] if use_prototypes and args.w_proto else [])
     names = ["total"] + term_names
     sums = torch.zeros(len(names), device=device)
     recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
     model.train()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True,
-               leave=False)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
+               dynamic_ncols=True, leave=False)
     start = time.time()
-    batches = run["views"].batches(pair_batches(sampler), "simclr", key=(args.seed, data.TRAIN_VIEWS, epoch, rank),
-                                   copies=2)
+    batches = run["views"].batches(pair_batches(sampler), "simclr",
+                                   key=(args.seed, data.TRAIN_VIEWS, epoch, rank), copies=2)
     for i, ((v1, v2), _, idx) in enumerate(batches):              # v1, v2: 2P x 3 x S x S
         step = epoch * steps + i
         progress["step"] = i + 1
@@ -268,8 +296,10 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
         same = (batch_assignments[:P, 0] == batch_assignments[P:, 0]).long().to(device)     # P
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=run["amp_dtype"], enabled=run["amp_dtype"] is not None):
-            loss, terms = run["step_module"](v1, v2, same, batch_assignments.to(device), use_prototypes)
+        with torch.autocast(device.type, dtype=run["amp_dtype"],
+                            enabled=run["amp_dtype"] is not None):
+            loss, terms = run["step_module"](v1, v2, same, batch_assignments.to(device),
+                                             use_prototypes)
         # One small collective for all ranks to agree on the logged values and on a NaN stop.
         values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
         if world > 1:
@@ -279,7 +309,8 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
         if not all(math.isfinite(v) for v in values):
             named = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
             fail(f"non-finite loss at epoch {epoch + 1} step {i + 1}/{steps}: {named}; "
-                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)", rank == 0)
+                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)",
+                 rank == 0)
         model.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -289,12 +320,14 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
         sums += torch.tensor(values, device=device)
         recent.append(values)
         bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
-                            + f" lr={lr:.3g} img/s={(i + 1) * len(v1) * world / (time.time() - start):.0f}")
+                            + f" lr={lr:.3g} "
+                              f"img/s={(i + 1) * len(v1) * world / (time.time() - start):.0f}")
         bar.update()
     bar.close()
     seconds = time.time() - start
     stats = {f"loss_{n}": v for n, v in zip(names, (sums / steps).tolist())}
-    stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent) for j, n in enumerate(names)})
+    stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent)
+                  for j, n in enumerate(names)})
     stats.update(lr=lr, images_per_second=steps * args.batch_size / seconds, train_seconds=seconds,
                  images_seen=(epoch + 1) * steps * args.batch_size)
     return stats
@@ -312,10 +345,11 @@ def similarity_probe(model, views, targets, device, size=2048):
     targets = targets[idx].to(device)
     model.eval()
     (x1, x2), _, _ = next(iter(views.batches([idx], "simclr", key=g, copies=2)))
-    z1, z2 = (F.normalize(torch.cat([model(v.contiguous(memory_format=torch.channels_last))[1].float()
-                                     for v in x.split(512)]), dim=1) for x in (x1, x2))   # M x 128 each
+    z1, z2 = (F.normalize(torch.cat([model(v.contiguous(memory_format=torch.channels_last))[1]
+                                     .float() for v in x.split(512)]), dim=1)
+              for x in (x1, x2))                                                # M x 128 each
     model.train()
-    sim = z1 @ z2.T                                                   # M x M: view 1 of i, view 2 of j
+    sim = z1 @ z2.T                                                # M x M: view 1 of i, view 2 of j
     same_class = targets[:, None] == targets[None, :]
     other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
     mean = lambda x: x.mean().item() if x.numel() else None      # None (JSON null): no such pair
@@ -323,8 +357,8 @@ def similarity_probe(model, views, targets, device, size=2048):
             "sim_tn": mean(sim[~same_class])}
 
 
-def monitor(args, epoch, model, views, test_views, targets, test_targets, num_classes, rank, world, device,
-            amp_dtype):
+def monitor(args, epoch, model, views, test_views, targets, test_targets, num_classes, rank,
+            world, device, amp_dtype):
     """kNN top-1 on the test set every --knn-every epochs and after the last (Wu et al. 2018), and
     the similarity probe. Returns (stats, the kNN pass's train features [N, F] on rank 0, whether
     that pass ran): made with the weights the next epoch starts from, they serve its clustering."""
@@ -332,11 +366,12 @@ def monitor(args, epoch, model, views, test_views, targets, test_targets, num_cl
     ran = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
     if ran:
         model.eval()
-        features = cluster.extract_features(model.encoder, views.batches(data.shard(len(targets), rank, world, 512),
-                                                                          "eval"), len(targets), device,
-                                            amp_dtype=amp_dtype)[0]
+        features = cluster.extract_features(
+            model.encoder, views.batches(data.shard(len(targets), rank, world, 512), "eval"),
+            len(targets), device, amp_dtype=amp_dtype)[0]
         test_features = cluster.extract_features(
-            model.encoder, test_views.batches(data.shard(len(test_targets), rank, world, 512), "eval"),
+            model.encoder,
+            test_views.batches(data.shard(len(test_targets), rank, world, 512), "eval"),
             len(test_targets), device, amp_dtype=amp_dtype)[0]
         model.train()
         if rank == 0:
@@ -349,7 +384,8 @@ def monitor(args, epoch, model, views, test_views, targets, test_targets, num_cl
 
 def schedule_changes(saved, config):
     """The flags of SCHEDULE that differ between a checkpoint's config and this run's, as text."""
-    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in SCHEDULE if saved.get(k) != config[k]]
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {config[k]}" for k in SCHEDULE
+            if saved.get(k) != config[k]]
 
 
 def load_checkpoint(path, config, master):
@@ -361,11 +397,12 @@ def load_checkpoint(path, config, master):
     except ValueError as e:
         fail(f"{e}; move it away to start afresh", master)
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
-        fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out", master)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} was written by an older train.py (format {ckpt.get('format', 1)}, prototype heads inside "
-             f"LARS), whose optimiser state does not fit this one (format {CHECKPOINT_FORMAT}); use another --out",
+        fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out",
              master)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(f"{path} was written by an older train.py (format {ckpt.get('format', 1)}, "
+             "prototype heads inside LARS), whose optimiser state does not fit this one "
+             f"(format {CHECKPOINT_FORMAT}); use another --out", master)
     saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
     differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL
                if k in config and saved[k] != config[k]]
@@ -374,8 +411,9 @@ def load_checkpoint(path, config, master):
              "use another --out or the same flags", master)
     changes = schedule_changes(ckpt["config"], config)
     if changes and not config["allow_schedule_change"]:
-        fail(f"{path} was trained on another learning-rate schedule ({', '.join(changes)}); resume with the "
-             "checkpoint's flags, or add --allow-schedule-change to re-plan the schedule from here", master)
+        fail(f"{path} was trained on another learning-rate schedule ({', '.join(changes)}); "
+             "resume with the checkpoint's flags, or add --allow-schedule-change to re-plan the "
+             "schedule from here", master)
     return ckpt
 
 
@@ -393,7 +431,8 @@ def trim_metrics(path, epochs_done, master):
             epoch = json.loads(line)["epoch"]
         except (json.JSONDecodeError, KeyError, TypeError):
             if number < len(lines):
-                fail(f"{path} line {number} is not a JSON line of train.py; repair or delete that line", master)
+                fail(f"{path} line {number} is not a JSON line of train.py; repair or delete "
+                     "that line", master)
             dropped.append(f"its half-written last line {line.strip()[:40]!r}")
             continue
         if epoch <= epochs_done:
@@ -424,8 +463,9 @@ def resume_point(args, config, world, device, master):
         epochs = torch.tensor([done, -done], device=device)
         dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
         if epochs[0] != -epochs[1]:
-            fail(f"ranks found different checkpoints in --out {args.out} (epochs {-int(epochs[1])} to "
-                 f"{int(epochs[0])}): put --out on a filesystem shared by all nodes", master)
+            fail(f"ranks found different checkpoints in --out {args.out} (epochs "
+                 f"{-int(epochs[1])} to {int(epochs[0])}): put --out on a filesystem shared by "
+                 "all nodes", master)
     return ckpt
 
 
@@ -434,8 +474,8 @@ def load_data(args, world, master):
     if args.download and world > 1 and not master:
         dist.barrier()                        # rank 0 downloads first
     try:
-        train_set = data.load_dataset(args.dataset, args.data, train=True, download=args.download and master,
-                                      workers=args.workers)
+        train_set = data.load_dataset(args.dataset, args.data, train=True,
+                                      download=args.download and master, workers=args.workers)
         test_set = (data.load_dataset(args.dataset, args.data, train=False, workers=args.workers)
                     if args.knn_every else None)
     except data.DataNotFound as e:
@@ -454,14 +494,18 @@ def load_data(args, world, master):
 
 
 def prototype_numbers(args, config, ckpt, num_classes, N, master):
-    """The K of each prototype head: --num-prototypes, or the number of classes with --prototypes gt."""
+    """The K of each prototype head: --num-prototypes, or the number of classes with
+    --prototypes gt."""
     ks = config["num_prototypes"] = ([num_classes] if args.prototypes == "gt"
                                      else prototype_counts(args.num_prototypes))
     if args.prototypes == "gt" and ckpt and ckpt["config"].get("num_prototypes") != ks:
-        fail(f"{progress['checkpoint']} was trained with another configuration (num_prototypes: checkpoint "
-             f"{ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another --out or the same flags", master)
-    if (args.w_metric or args.w_proto) and args.prototypes == "kmeans" and not all(2 <= k < N for k in ks):
-        fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} images", master)
+        fail(f"{progress['checkpoint']} was trained with another configuration (num_prototypes: "
+             f"checkpoint {ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another "
+             "--out or the same flags", master)
+    if ((args.w_metric or args.w_proto) and args.prototypes == "kmeans"
+            and not all(2 <= k < N for k in ks)):
+        fail(f"--num-prototypes {args.num_prototypes}: each K must satisfy 2 <= K < N = {N} "
+             "images", master)
     if args.batch_size > N:
         fail(f"--batch-size {args.batch_size} exceeds the {N} training images", master)
     return ks
@@ -471,16 +515,19 @@ def build(args, ks, N, world, device):
     """The network, the module DDP wraps, LARS for the network and SGD for the prototype heads,
     the fp16 loss scaler, and the schedule: the training state that main() passes around."""
     cuda = device.type == "cuda"
-    model = SPCLModel(args.arch, cifar_stem=args.image_size <= 64, num_prototypes=ks if args.w_proto else ())
+    model = SPCLModel(args.arch, cifar_stem=args.image_size <= 64,
+                      num_prototypes=ks if args.w_proto else ())
     if not args.w_metric:
         model.metric_head = None
     if world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     if args.pca_dim is None:
-        args.pca_dim = min(256, model.feature_dim // 2)    # whitening at full rank would make noise signal
-    step_module = TrainingStep(model, w_con=args.w_con, w_metric=args.w_metric, w_proto=args.w_proto,
-                               temperature=args.temperature, contrast=args.contrast, proto_loss=args.proto_loss,
+        args.pca_dim = min(256, model.feature_dim // 2)    # whitening at full rank would make
+                                                            # noise signal
+    step_module = TrainingStep(model, w_con=args.w_con, w_metric=args.w_metric,
+                               w_proto=args.w_proto, temperature=args.temperature,
+                               contrast=args.contrast, proto_loss=args.proto_loss,
                                same_image_pairs=not args.no_same_image_pairs,
                                group=dist.group.WORLD if world > 1 else None)
     if world > 1:
@@ -489,11 +536,13 @@ def build(args, ks, N, world, device):
         uses_prototypes = bool(args.w_metric or args.w_proto)
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if cuda else None,
-            find_unused_parameters=(uses_prototypes and args.proto_start_epoch > 0) or not args.w_con)
+            find_unused_parameters=((uses_prototypes and args.proto_start_epoch > 0)
+                                    or not args.w_con))
     base_lr = args.lr * args.batch_size / 256
     heads = {id(p) for p in model.proto_heads.parameters()}
     amp_dtype = runtime.autocast_dtype(device)
-    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, int(os.environ.get("RANK", "0")),
+    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world,
+                                   int(os.environ.get("RANK", "0")),
                                    seed=args.seed, p_same=args.p_same)
     return {"model": model, "step_module": step_module, "base_lr": base_lr, "amp_dtype": amp_dtype,
             "optimizer": LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr,
@@ -525,11 +574,11 @@ def restore(args, run, ckpt, config, master):
               + (f"; changed since: {', '.join(changed)}" if changed else ""))
         rescheduled = schedule_changes(ckpt["config"], config)
         if rescheduled:
-            now = runtime.cosine_lr(start_epoch * len(run["sampler"]), run["total_steps"], run["base_lr"],
-                                    run["warmup_steps"])
-            print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): the lr goes "
-                  f"from {ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the checkpoint's last step to "
-                  f"{now:.4g} now")
+            now = runtime.cosine_lr(start_epoch * len(run["sampler"]), run["total_steps"],
+                                    run["base_lr"], run["warmup_steps"])
+            print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): "
+                  f"the lr goes from {ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the "
+                  f"checkpoint's last step to {now:.4g} now")
     uses_prototypes = bool(args.w_metric or args.w_proto)
     if uses_prototypes and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
         return ckpt["assignments"]        # else the SimCLR epochs' singletons: no clustering
@@ -542,9 +591,11 @@ def save(args, run, epoch, assignments, stats, config):
         f.write(json.dumps(stats) + "\n")
     runtime.atomic_save({"format": CHECKPOINT_FORMAT, "model": run["model"].state_dict(),
                          "optimizer": run["optimizer"].state_dict(),
-                         "proto_optimizer": run["proto_optimizer"].state_dict() if run["proto_optimizer"] else None,
-                         "scaler": run["scaler"].state_dict(), "epoch": epoch + 1, "assignments": assignments,
-                         "rng": {"cpu": torch.get_rng_state()}, "config": config}, progress["checkpoint"])
+                         "proto_optimizer": (run["proto_optimizer"].state_dict()
+                                             if run["proto_optimizer"] else None),
+                         "scaler": run["scaler"].state_dict(), "epoch": epoch + 1,
+                         "assignments": assignments, "rng": {"cpu": torch.get_rng_state()},
+                         "config": config}, progress["checkpoint"])
     progress["saved_epoch"] = epoch + 1
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                       if not isinstance(v, dict)}))
@@ -560,11 +611,13 @@ def main(argv=None):
         fail(problem, master)
     why = runtime.check_writable(args.out)
     if why:
-        fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to", master)
+        fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to",
+             master)
     progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0,
                     checkpoint=os.path.join(args.out, "checkpoint.pth"))
 
-    # ---- resume: the checkpoint is read before the data, so a finished or refused run costs nothing
+    # ---- resume: the checkpoint is read before the data, so a finished or refused run
+    # costs nothing
     config = dict(vars(args), num_prototypes=prototype_counts(args.num_prototypes),
                   w_metric_on=bool(args.w_metric), w_proto_on=bool(args.w_proto))
     if args.prototypes == "gt":
@@ -573,34 +626,36 @@ def main(argv=None):
     start_epoch = progress["saved_epoch"] = ckpt["epoch"] if ckpt else 0
     if start_epoch >= args.epochs:
         if master:
-            print(f"{args.out} is finished: {progress['checkpoint']} holds epoch {start_epoch} of {args.epochs}, "
-                  "nothing to do (evaluate it with linear_eval.py, or train on with a larger --epochs and "
-                  "--allow-schedule-change)")
+            print(f"{args.out} is finished: {progress['checkpoint']} holds epoch {start_epoch} of "
+                  f"{args.epochs}, nothing to do (evaluate it with linear_eval.py, or train on "
+                  "with a larger --epochs and --allow-schedule-change)")
         if world > 1:
             dist.destroy_process_group()
         return
     if master:
         trim_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch, master)
 
-    # ---- data, model, optimisers ----------------------------------------------------------------
+    # ---- data, model, optimisers ------------------------------------------------------------
     train_set, test_set = load_data(args, world, master)
     targets, num_classes = torch.as_tensor(train_set.targets), len(train_set.classes)
     ks = prototype_numbers(args, config, ckpt, num_classes, len(targets), master)
     run = build(args, ks, len(targets), world, device)
     mean_std = data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"])
-    run["views"] = data.Views(train_set, args.image_size, mean_std, args.jitter, args.workers, device)
-    test_views = data.Views(test_set, args.image_size, mean_std, workers=args.workers, device=device) \
-        if test_set else None
+    run["views"] = data.Views(train_set, args.image_size, mean_std, args.jitter, args.workers,
+                              device)
+    test_views = data.Views(test_set, args.image_size, mean_std, workers=args.workers,
+                            device=device) if test_set else None
     model, amp_dtype = run["model"], run["amp_dtype"]
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         n_scaled = sum(p.numel() for p in model.parameters() if p.ndim > 1)
-        print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight decay and "
-              f"trust ratio; {len(targets)} images, world size {world}, device {device}, AMP {amp_dtype}")
+        print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight "
+              f"decay and trust ratio; {len(targets)} images, world size {world}, device {device}, "
+              f"AMP {amp_dtype}")
     previous = restore(args, run, ckpt, config, master) if ckpt else None
     progress["steps"] = len(run["sampler"])
 
-    # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ---------------
+    # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ------
     uses_prototypes = bool(args.w_metric or args.w_proto)
     # [train features] of the last kNN pass (None inside on ranks > 0), made with the weights the
     # next epoch starts from, so that its clustering needs no feature pass of its own; or None.
@@ -615,35 +670,41 @@ def main(argv=None):
         features = None
         if use_prototypes and args.prototypes == "kmeans":
             start = time.time()
-            features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets), epoch, rank,
-                                                         world, device, amp_dtype)
+            features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets),
+                                                         epoch, rank, world, device, amp_dtype)
             stats["feature_seconds"] = time.time() - start
         if use_prototypes:
             start = time.time()
-            assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features, device)
+            assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features,
+                                                               device)
             stats.update(cluster_stats)
             if args.prototypes == "kmeans":
                 stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
                 if master:
                     stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
                     if previous is not None and previous.shape == assignments.shape:
-                        stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+                        stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(),
+                                                        previous[:, 0].numpy())
             # k-means heads restart after every clustering; a ground-truth head starts once.
             if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
-                run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features, assignments, world, device)
+                run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features,
+                                                       assignments, world, device)
         else:
-            assignments = torch.arange(len(targets))[:, None]     # singletons: uniformly random pairs
+            assignments = torch.arange(len(targets))[:, None]  # singletons: uniformly random pairs
         run["sampler"].set_assignments(assignments[:, 0])
         run["sampler"].set_epoch(epoch)
 
         # 2. One epoch of Eq. 5.
-        stats.update(train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device))
+        stats.update(train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world,
+                                     device))
 
         # 3. Monitor, log, checkpoint.
         monitor_stats, knn_features, knn_ran = monitor(
             args, epoch, model, run["views"], test_views, targets,
-            torch.as_tensor(test_set.targets) if test_set else None, num_classes, rank, world, device, amp_dtype)
-        bank = [knn_features] if knn_ran and not args.cluster_aug else None   # --cluster-aug: augmented views
+            torch.as_tensor(test_set.targets) if test_set else None, num_classes, rank, world,
+            device, amp_dtype)
+        bank = [knn_features] if knn_ran and not args.cluster_aug else None   # --cluster-aug:
+                                                                              # augmented views
         stats.update(monitor_stats)
         stats["epoch_seconds"] = time.time() - epoch_start
         if master:
@@ -663,8 +724,8 @@ def interrupted_message():
     where = ("before training" if not p["epoch"] else f"in epoch {p['epoch']}/{p['epochs']} "
              + (f"at step {p['step']}/{p['steps']}" if p["step"] else "before its first step"))
     if p["saved_epoch"]:
-        return (f"train.py: interrupted {where}; the last checkpoint is {p['checkpoint']} (after epoch "
-                f"{p['saved_epoch']}); run the same command to resume")
+        return (f"train.py: interrupted {where}; the last checkpoint is {p['checkpoint']} (after "
+                f"epoch {p['saved_epoch']}); run the same command to resume")
     return f"train.py: interrupted {where}; no checkpoint yet, so the same command starts afresh"
 
 

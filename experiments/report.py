@@ -42,25 +42,29 @@ def _last(results, mode):
 def load_row(folder):
     """({metric: value}, None) for a finished run folder, or (None, why it is not a row)."""
     try:
-        probe, metrics, knn, wall = (_lines(os.path.join(folder, name)) for name in RUN_FILES + ("row.json",))
+        probe, metrics, knn, wall = (_lines(os.path.join(folder, name))
+                                     for name in RUN_FILES + ("row.json",))
     except ValueError as e:
         return None, str(e)
     cached = _last(probe, "cached")
     if cached is None:
         modes = sorted({str(r.get("mode")) for r in probe})
-        return None, (f"no linear_eval.py --cached result in its linear_eval.jsonl (only {', '.join(modes)})" if probe
-                      else "no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)")
+        return None, (f"no linear_eval.py --cached result in its linear_eval.jsonl "
+                      f"(only {', '.join(modes)})" if probe else
+                      "no linear_eval.jsonl (run linear_eval.py --cached --out on this folder)")
     last = metrics[-1] if metrics else {}
     knn_result = _last(probe + knn, "knn")
     return {"knn_top1": last.get("knn_top1", knn_result["knn_top1"] if knn_result else None),
-            "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"), "sim_fn": last.get("sim_fn"),
+            "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"),
+            "sim_fn": last.get("sim_fn"),
             "nmi_gt": last.get("nmi_gt"), "images_seen": last.get("images_seen", 0),
             "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60 if metrics else None,
             "wall_minutes": wall[-1]["wall_seconds"] / 60 if wall else None}, None
 
 
 def _fmt(value, digits=2):
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return ("-" if value is None else f"{value:.{digits}f}" if isinstance(value, float)
+            else str(value))
 
 
 def main(root):
@@ -76,13 +80,16 @@ def main(root):
             print(f"report.py: skipped {name}: {why}", file=sys.stderr)
     rows = {name: row for name, row in rows.items() if row is not None}
     if not rows:
-        sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's metrics.jsonl and a "
-                 "linear_eval.py --cached result (--out that folder)")
-    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "images_seen", "train_minutes", "wall_minutes"]
-    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | images seen | train min | wall min |")
+        sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's "
+                 "metrics.jsonl and a linear_eval.py --cached result (--out that folder)")
+    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "images_seen",
+               "train_minutes", "wall_minutes"]
+    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | images seen | "
+          "train min | wall min |")
     print("|---|" + "---|" * len(columns))
     for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(_fmt(row[c], 3 if c.startswith(("sim", "nmi")) else 2) for c in columns) + " |")
+        print(f"| {name} | " + " | ".join(_fmt(row[c], 3 if c.startswith(("sim", "nmi")) else 2)
+                                          for c in columns) + " |")
     groups = defaultdict(list)
     for name, row in rows.items():
         match = re.fullmatch(r"(.*)_s\d+", name)
@@ -100,7 +107,8 @@ def main(root):
                     cells.append("-")
                     continue
                 mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
-                cells.append(f"{mean:.{3 if c == 'sim_fn' else 2}f} ± {half:.{3 if c == 'sim_fn' else 2}f}")
+                cells.append(f"{mean:.{3 if c == 'sim_fn' else 2}f} ± "
+                             f"{half:.{3 if c == 'sim_fn' else 2}f}")
             print(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
 
 
