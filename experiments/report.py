@@ -57,9 +57,11 @@ def load_row(folder):
     return {"knn_top1": last.get("knn_top1", knn_result["knn_top1"] if knn_result else None),
             "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"),
             "sim_fn": last.get("sim_fn"),
-            "nmi_gt": last.get("nmi_gt"), "images_seen": last.get("images_seen", 0),
+            "nmi_gt": last.get("nmi_gt"), "loss_proto_last20": last.get("loss_proto_last20"),
+            "images_seen": last.get("images_seen", 0),
             "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60 if metrics else None,
-            "wall_minutes": wall[-1]["wall_seconds"] / 60 if wall else None}, None
+            "wall_minutes": (wall[-1]["wall_seconds"] / 60 if wall and wall[-1].get("wall_seconds")
+                             else None)}, None
 
 
 def _fmt(value, digits=2):
@@ -82,10 +84,10 @@ def main(root):
     if not rows:
         sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's "
                  "metrics.jsonl and a linear_eval.py --cached result (--out that folder)")
-    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "images_seen",
-               "train_minutes", "wall_minutes"]
-    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | images seen | "
-          "train min | wall min |")
+    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "loss_proto_last20",
+               "images_seen", "train_minutes", "wall_minutes"]
+    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | loss_proto (last 20) | "
+          "images seen | train min | wall min |")
     print("|---|" + "---|" * len(columns))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(_fmt(row[c], 3 if c.startswith(("sim", "nmi")) else 2)
