@@ -55,6 +55,45 @@ CIFAR10 = os.path.join(HERE, "..", "shared", "data", "cifar10")
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared fixtures and helpers: real CIFAR-10 images, train.py's arguments and outputs
+# ---------------------------------------------------------------------------------------------
+
+needs_cifar = pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR10, "train")),
+                                 reason="needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory):
+    """An ImageFolder tree of real CIFAR-10 JPEGs: 32 train and 8 test images per class."""
+    if not os.path.isdir(os.path.join(CIFAR10, "train")):
+        pytest.skip("needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
+    root = tmp_path_factory.mktemp("cifar10_small")
+    for split, per_class in (("train", 32), ("test", 8)):
+        for cls in sorted(os.listdir(os.path.join(CIFAR10, split))):
+            os.makedirs(root / split / cls)
+            for name in sorted(os.listdir(os.path.join(CIFAR10, split, cls)))[:per_class]:
+                os.symlink(os.path.join(CIFAR10, split, cls, name), root / split / cls / name)
+    return str(root)
+
+
+def _train_args(data_root, out, *extra):
+    return ["--dataset", "cifar10", "--data", data_root, "--out", str(out), "--arch",
+            "resnet18_narrow", "--epochs", "2", "--batch-size", "64", "--num-prototypes", "8",
+            "--warmup-epochs", "1", "--workers", "1", *extra]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _all_finite(value):
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Helpers: naive losses straight from the equations, and a two-process gloo launcher
 # ---------------------------------------------------------------------------------------------
 
@@ -955,43 +994,8 @@ def test_pair_batches_are_the_anchors_then_their_partners():
 
 
 # ---------------------------------------------------------------------------------------------
-# train.py, on real CIFAR-10 images (a few hundred, copied into a small ImageFolder tree)
+# train.py, on real CIFAR-10 images (a few hundred, in a small ImageFolder tree: small_cifar)
 # ---------------------------------------------------------------------------------------------
-
-needs_cifar = pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR10, "train")),
-                                 reason="needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
-
-
-@pytest.fixture(scope="session")
-def small_cifar(tmp_path_factory):
-    """An ImageFolder tree of real CIFAR-10 JPEGs: 32 train and 8 test images per class."""
-    if not os.path.isdir(os.path.join(CIFAR10, "train")):
-        pytest.skip("needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
-    root = tmp_path_factory.mktemp("cifar10_small")
-    for split, per_class in (("train", 32), ("test", 8)):
-        for cls in sorted(os.listdir(os.path.join(CIFAR10, split))):
-            os.makedirs(root / split / cls)
-            for name in sorted(os.listdir(os.path.join(CIFAR10, split, cls)))[:per_class]:
-                os.symlink(os.path.join(CIFAR10, split, cls, name), root / split / cls / name)
-    return str(root)
-
-
-def _train_args(data_root, out, *extra):
-    return ["--dataset", "cifar10", "--data", data_root, "--out", str(out), "--arch",
-            "resnet18_narrow", "--epochs", "2", "--batch-size", "64", "--num-prototypes", "8",
-            "--warmup-epochs", "1", "--workers", "1", *extra]
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _all_finite(value):
-    if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
-    return not isinstance(value, float) or math.isfinite(value)
-
 
 @pytest.mark.slow
 def test_train_two_epochs_logs_clusters_and_checkpoints(small_cifar, tmp_path, monkeypatch):
