@@ -518,7 +518,7 @@ def test_lars_rejects_negative_hyper_parameters():
 
 
 # ---------------------------------------------------------------------------------------------
-# cluster.py and sampler.py
+# cluster.py, sampler.py and data.Views
 # ---------------------------------------------------------------------------------------------
 
 # ---------------------------------------------------------------- NMI
@@ -1552,7 +1552,7 @@ def test_seeded_generators_are_distinct_per_stream_epoch_and_rank():
 
 
 # ---------------------------------------------------------------------------------------------
-# kNN
+# cluster.knn_top1: the weighted kNN
 # ---------------------------------------------------------------------------------------------
 
 def _naive_knn(train_features, train_targets, test_features, test_targets, k, t):
@@ -1617,7 +1617,7 @@ def test_knn_rejects_mismatched_shapes():
 
 
 # ---------------------------------------------------------------------------------------------
-# The probe on synthetic features
+# linear_eval.py: the probe on synthetic features
 # ---------------------------------------------------------------------------------------------
 
 def test_evaluate_matches_naive_top1_top5():
@@ -1656,7 +1656,7 @@ def test_probe_reaches_95_percent_on_linearly_separable_features():
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and export
+# models.py: encoder loading and export
 # ---------------------------------------------------------------------------------------------
 
 def _spcl_checkpoint(path, arch="resnet18_narrow", dataset="cifar10", image_size=32, model=None):
@@ -1763,7 +1763,7 @@ def test_bad_checkpoints_get_clear_messages(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Real CIFAR-10 images
+# linear_eval.py on real CIFAR-10 images
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
