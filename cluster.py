@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
+
 
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
@@ -111,6 +113,14 @@ def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.f
         raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out "
                            "of the loader")
     return (features, targets) if rank == 0 else (None, None)
+
+
+def split_features(encoder, views, n, rank, world, device, amp_dtype=None, view="eval", key=None):
+    """extract_features over a whole split of n images: this rank's shard of data.Views batches
+    (the evaluation view, or a random one with its key). Returns (features [n, F] float16, targets
+    [n]) on rank 0, (None, None) elsewhere."""
+    batches = views.batches(data.shard(n, rank, world, 512), view, key)
+    return extract_features(encoder, batches, n, device, amp_dtype=amp_dtype)
 
 
 def _index_error(indices, num_samples):

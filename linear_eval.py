@@ -165,20 +165,13 @@ def write_result(result, out):
             f.write(json.dumps(result) + "\n")
 
 
-def features_of(encoder, views, n, rank, world, device, amp_dtype):
-    """[n, F] float16 CPU features and [n] targets of a split in the evaluation view, on rank 0;
-    (None, None) elsewhere."""
-    return cluster.extract_features(encoder, views.batches(data.shard(n, rank, world, 512), "eval"),
-                                    n, device, amp_dtype=amp_dtype)
-
-
 def knn(args, encoder, splits, rank, world, device, amp_dtype):
     """Weighted kNN top-1 (Wu et al. 2018) of the test split against the training split."""
     (train_views, train_n), (test_views, test_n), num_classes = splits
-    train_features, train_targets = features_of(encoder, train_views, train_n, rank, world,
-                                                device, amp_dtype)
-    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device,
-                                              amp_dtype)
+    features = lambda views, n: cluster.split_features(encoder, views, n, rank, world, device,
+                                                       amp_dtype)
+    train_features, train_targets = features(train_views, train_n)
+    test_features, test_targets = features(test_views, test_n)
     if rank:
         return None
     top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets,
@@ -195,11 +188,11 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
     nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
     classifier = classifier.to(device)
-    test_features, test_targets = features_of(encoder, test_views, test_n, rank, world, device,
-                                              amp_dtype)
+    features = lambda views, n: cluster.split_features(encoder, views, n, rank, world, device,
+                                                       amp_dtype)
+    test_features, test_targets = features(test_views, test_n)
     if args.cached:
-        train_features, train_targets = features_of(encoder, train_views, train_n, rank, world,
-                                                    device, amp_dtype)
+        train_features, train_targets = features(train_views, train_n)
         if rank:
             return None
         shuffle = torch.Generator().manual_seed(args.seed)

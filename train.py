@@ -196,12 +196,11 @@ def feature_bank(args, model, views, N, epoch, rank, world, device, amp_dtype):
     """Encoder features [N, F] of the training set (float16, rank 0; None elsewhere) in the
     evaluation view, or with --cluster-aug in one SimCLR augmentation (the paper, Sec. 3.2)."""
     model.eval()
-    batches = data.shard(N, rank, world, batch_size=512)
+    view, key = "eval", None
     if args.cluster_aug:
-        batches = views.batches(batches, "simclr", key=(args.seed, data.CLUSTER_VIEWS, epoch, rank))
-    else:
-        batches = views.batches(batches, "eval")
-    features = cluster.extract_features(model.encoder, batches, N, device, amp_dtype=amp_dtype)[0]
+        view, key = "simclr", (args.seed, data.CLUSTER_VIEWS, epoch, rank)
+    features = cluster.split_features(model.encoder, views, N, rank, world, device, amp_dtype,
+                                      view, key)[0]
     model.train()
     return features
 
@@ -366,13 +365,10 @@ def monitor(args, epoch, model, views, test_views, targets, test_targets, num_cl
     ran = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
     if ran:
         model.eval()
-        features = cluster.extract_features(
-            model.encoder, views.batches(data.shard(len(targets), rank, world, 512), "eval"),
-            len(targets), device, amp_dtype=amp_dtype)[0]
-        test_features = cluster.extract_features(
-            model.encoder,
-            test_views.batches(data.shard(len(test_targets), rank, world, 512), "eval"),
-            len(test_targets), device, amp_dtype=amp_dtype)[0]
+        features = cluster.split_features(model.encoder, views, len(targets), rank, world, device,
+                                          amp_dtype)[0]
+        test_features = cluster.split_features(model.encoder, test_views, len(test_targets), rank,
+                                               world, device, amp_dtype)[0]
         model.train()
         if rank == 0:
             stats["knn_top1"] = cluster.knn_top1(features, targets, test_features, test_targets,
