@@ -414,18 +414,24 @@ class Views:
         self.in_memory = isinstance(dataset, InMemoryImages)
         self.augment = BatchAugment(image_size, mean_std, jitter) if self.in_memory else None
 
-    def batches(self, batch_indices, view, key=None, copies=1):
+    def batches(self, batch_indices, view, key=None, copies=1, start=0):
+        """start: the position in its epoch of the first of batch_indices. A run resumed at batch
+        s drops the first s index batches and passes start=s: its views are then those of the
+        uninterrupted run (a key tuple draws batch b in memory from seeded_generator(*key, b);
+        on disk every image has its own stream anyway)."""
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if view != "eval" and key is None:
             raise ValueError(f"the {view!r} view is random: give the key of its random stream")
         make = self._in_memory if self.in_memory else self._on_disk
-        return _Sized(make(batch_indices, view, key, copies),
+        return _Sized(make(batch_indices, view, key, copies, start),
                       getattr(batch_indices, "__len__", None))
 
-    def _in_memory(self, batch_indices, view, key, copies):
-        g = key if isinstance(key, torch.Generator) or key is None else seeded_generator(*key)
-        for idx in batch_indices:
+    def _in_memory(self, batch_indices, view, key, copies, start):
+        for b, idx in enumerate(batch_indices, start):
+            # A generator key is drawn from in turn; a key tuple names one stream per batch.
+            g = (key if key is None or isinstance(key, torch.Generator)
+                 else seeded_generator(*key, b))
             idx = torch.as_tensor(idx, dtype=torch.int64)
             if view == "eval":
                 x = [self.dataset.normalised(idx).to(self.device) for _ in range(copies)]
@@ -437,7 +443,7 @@ class Views:
                 x = [make(images, g) for _ in range(copies)]                # B x 3 x S x S
             yield (tuple(x) if copies > 1 else x[0]), self.dataset.targets[idx], idx
 
-    def _on_disk(self, batch_indices, view, key, copies):
+    def _on_disk(self, batch_indices, view, key, copies, start):
         if isinstance(key, torch.Generator):
             key = (int(torch.randint(2**62, (1,), generator=key)),)
         size, mean_std = self.image_size, self.mean_std

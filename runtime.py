@@ -9,6 +9,8 @@ safely, and the learning-rate schedule.
 import math
 import os
 import re
+import shutil
+import signal
 import sys
 import zipfile
 from datetime import timedelta
@@ -76,16 +78,45 @@ def check_writable(folder):
     return None
 
 
-def atomic_save(obj, path):
+def previous_path(path):
+    """Where atomic_save(keep_previous=True) keeps the file that path held before:
+    checkpoint.pth -> checkpoint.prev.pth."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def atomic_save(obj, path, keep_previous=False):
     """torch.save to path through a temporary file and a rename: a crash (or, thanks to fsync, a
-    power cut) while writing leaves the previous file whole and never a half-written one."""
+    power cut) while writing leaves the previous file whole and never a half-written one. With
+    keep_previous, the file path held before stays as previous_path(path) (a hard link, or a copy
+    where links are not supported), so the last two checkpoints exist at every moment."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous and os.path.exists(path):
+        previous, staged = previous_path(path), previous_path(path) + ".tmp"
+        if os.path.exists(staged):
+            os.remove(staged)
+        try:
+            os.link(path, staged)
+        except OSError:                              # a filesystem without hard links
+            shutil.copyfile(path, staged)
+        os.replace(staged, previous)
     os.replace(tmp, path)
+
+
+def end_job():
+    """Under torchrun with --max-restarts, a failure that a restart would only repeat (a
+    non-finite loss from the same checkpoint and flags) must end the job, not restart it: torchrun
+    restarts failed workers whatever their exit code, so local rank 0 of every node stops its
+    node's agent (the parent process) with SIGTERM, which ends the job with an error. Elsewhere
+    (one process, no restarts allowed) the caller's own exit is enough."""
+    if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and os.environ.get("LOCAL_RANK", "0") == "0"):
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 EXPECTED = ("expected train.py's checkpoint.pth or a state dict of tensors "

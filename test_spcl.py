@@ -1050,28 +1050,128 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240, **kw)
 
 
-@pytest.mark.slow
-def test_resume_is_exact(small_cifar, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(_train_args(small_cifar, straight))
-    for _ in range(2):        # two fresh processes, one epoch each
-        result = _run([sys.executable, "train.py",
-                       *_train_args(small_cifar, split, "--stop-after", "1")])
-        assert result.returncode == 0, result.stderr[-2000:]
-    assert "resumed from" in result.stdout
-    a = torch.load(straight / "checkpoint.pth", weights_only=True)
-    b = torch.load(split / "checkpoint.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
+def _same_run(straight, other):
+    """Two runs' final checkpoints and metric lines are identical (bit for bit)."""
+    a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=True)
+    b = torch.load(os.path.join(other, "checkpoint.pth"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["partial"] is b["partial"] is None
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["assignments"], b["assignments"])
-    rows_a, rows_b = _metrics(straight), _metrics(split)
+    rows_a, rows_b = _metrics(straight), _metrics(other)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "sim_tp", "sim_fn",
-                    "nmi_gt"):
+        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "loss_total_last20",
+                    "sim_tp", "sim_fn", "nmi_gt"):
             assert ra[key] == rb[key], key
         assert ra.get("nmi_prev") == rb.get("nmi_prev")
+
+
+def _resume_inside_epoch_2(run, out, resumed):
+    """Copy run's checkpoint.prev.pth, which --save-every 2 left at step 4 of epoch 2 (5 steps an
+    epoch), to a fresh --out with the metric lines: the state of a run preempted there."""
+    ckpt = torch.load(os.path.join(out, "checkpoint.prev.pth"), weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["step"] == 4
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(out, "checkpoint.prev.pth"), os.path.join(resumed, "checkpoint.pth"))
+    shutil.copy(os.path.join(out, "metrics.jsonl"), resumed)   # epoch 2's line is dropped
+    result = run(resumed)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout and "at step 4 of epoch 2" in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_is_exact(small_cifar, tmp_path):
+    # At epoch ends (two processes, one epoch each, with --save-every 2 inside the epochs, which
+    # must change nothing), and inside an epoch (from the checkpoint --save-every left at step 4).
+    straight, split, inside = tmp_path / "straight", tmp_path / "split", tmp_path / "inside"
+    train.main(_train_args(small_cifar, straight))
+    run = lambda out, *extra: _run([sys.executable, "train.py",
+                                    *_train_args(small_cifar, out, "--save-every", "2", *extra)])
+    for _ in range(2):
+        result = run(split, "--stop-after", "1")
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    _same_run(straight, split)
+    _resume_inside_epoch_2(run, split, inside)
+    _same_run(straight, inside)
+
+
+@pytest.mark.slow
+def test_on_disk_resume_under_torchrun_is_exact(small_cifar, tmp_path):
+    # --dataset folder (PIL views in DataLoader workers) at world size 2: the workers' seeds must
+    # not matter, and every rank's random state comes back.
+    args = lambda out: _train_args(small_cifar, out, "--dataset", "folder", "--image-size", "32",
+                                   "--save-every", "2", "--workers", "2")
+    run = lambda out: _run(_torchrun(args(out)))
+    straight = tmp_path / "straight"
+    result = run(straight)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _resume_inside_epoch_2(run, straight, tmp_path / "inside")
+    _same_run(straight, tmp_path / "inside")
+
+
+def test_checkpoints_keep_the_one_before(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    for epoch in (1, 2, 3):
+        runtime.atomic_save({"epoch": epoch}, path, keep_previous=True)
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert torch.load(runtime.previous_path(path), weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links here")))
+    runtime.atomic_save({"epoch": 4}, path, keep_previous=True)         # copied instead
+    assert torch.load(runtime.previous_path(path), weights_only=True)["epoch"] == 3
+    assert set(os.listdir(tmp_path)) == {"checkpoint.pth", "checkpoint.prev.pth"}
+
+
+@pytest.mark.slow
+def test_the_steady_state_step_reads_the_device_every_log_every_steps(small_cifar, tmp_path,
+                                                                      monkeypatch):
+    # Every read of a tensor's value from Python (item, tolist, bool(), ...) is a host-device sync
+    # on a GPU. One epoch of 5 steps at --log-every 2 may read at steps 2, 4 and 5, then twice for
+    # the epoch's means: 5 reads, all tolist.
+    reads, real_epoch = Counter(), train.train_one_epoch
+
+    def counting(name):
+        method = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads[name] += 1
+            return method(self, *args, **kwargs)
+        return read
+
+    def counted_epoch(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu",
+                         "numpy"):
+                m.setattr(torch.Tensor, name, counting(name))
+            return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", counted_epoch)
+    train.main(_train_args(small_cifar, tmp_path, "--epochs", "1", "--log-every", "2"))
+    assert reads == {"tolist": 5}, reads
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_under_torchrun_ends_the_job_without_restarts(small_cifar, tmp_path):
+    # torchrun restarts failed workers whatever their exit code; a restart from the same
+    # checkpoint would meet the same NaN, so the run must end the job instead.
+    wrapper = tmp_path / "diverging_train.py"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import losses, models\n"
+        "def diverging(*args, **kwargs):\n"
+        "    total, terms = losses.spcl_loss(*args, **kwargs)\n"
+        "    return total * float('nan'), terms\n"
+        "models.spcl_loss = diverging\n"
+        f"runpy.run_path({os.path.join(HERE, 'train.py')!r}, run_name='__main__')\n")
+    cmd = _torchrun(_train_args(small_cifar, tmp_path / "out", "--epochs", "1"), "--max-restarts",
+                    "3")
+    cmd[cmd.index("train.py")] = str(wrapper)
+    result = _run(cmd)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0                     # the job failed, and said why, once:
+    assert output.count("train.py: error: non-finite loss at epoch 1 step 1/") == 1, output[-3000:]
 
 
 def test_scripts_import_library_modules_only():

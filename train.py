@@ -13,7 +13,7 @@ is plain SimCLR: no clustering, uniformly random pairs. Ctrl-C stops with a line
 resume.
 """
 import argparse
-import collections
+import itertools
 import json
 import math
 import os
@@ -55,7 +55,7 @@ STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "
 SCHEDULE = ("epochs", "batch_size", "lr", "warmup_epochs", "train_subset")
 # Where training stands, for the one line that Ctrl-C ends with (the end of this file).
 progress = {"epoch": None, "epochs": None, "step": None, "steps": None, "checkpoint": None,
-            "saved_epoch": 0}
+            "saved_epoch": 0, "saved_step": 0}
 
 
 def get_args(argv=None):
@@ -120,6 +120,12 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, default=0,
                    help="exit after this many epochs of this run (a job slot shorter than the "
                         "schedule)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write the checkpoint every N steps inside an epoch (0 = at the end "
+                        "of each epoch only); a resumed run skips the steps it holds")
+    p.add_argument("--log-every", type=int, default=20,
+                   help="read the losses from the device every N steps (progress bar, NaN check); "
+                        "the steps between never wait for the device")
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="resume although --epochs, --lr, --batch-size, --warmup-epochs or "
                         "--train-subset differ from the checkpoint's (the lr schedule is "
@@ -173,7 +179,9 @@ def check_args(args, world):
         (any(k < 2 for k in ks), f"--num-prototypes {args.num_prototypes}: each K must be >= 2"),
         *[(getattr(args, name) < 0,
            f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-          for name in ("proto_start_epoch", "knn_every", "train_subset", "stop_after", "workers")],
+          for name in ("proto_start_epoch", "knn_every", "train_subset", "stop_after", "workers",
+                       "save_every")],
+        (args.log_every < 1, f"--log-every must be >= 1, got {args.log_every}"),
         (args.pca_dim is not None and args.pca_dim < 0,
          f"--pca-dim must be >= 0, got {args.pca_dim}"),
         (args.kmeans_iters < 1, f"--kmeans-iters must be >= 1, got {args.kmeans_iters}"),
@@ -258,6 +266,37 @@ def restart_heads(args, epoch, model, ks, features, assignments, world, device):
     return head_optimizer(model, args)
 
 
+def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototypes, rank, world,
+                     device):
+    """Step 1 of an epoch (Sec. 3.2): every image's prototype, assignments int64 [N, H] identical
+    on every rank (singletons, i.e. uniformly random pairs, for plain SimCLR epochs), with the
+    prototype heads started over; and the epoch's statistics line so far (clustering, NMI)."""
+    stats, model = {"epoch": epoch + 1}, run["model"]     # the epoch counted from 1
+    if not use_prototypes:
+        return torch.arange(len(targets))[:, None], stats
+    features = None
+    if args.prototypes == "kmeans":
+        start = time.time()
+        # bank: the last kNN pass's features, made with the weights this epoch starts from.
+        features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets),
+                                                     epoch, rank, world, device, run["amp_dtype"])
+        stats["feature_seconds"] = time.time() - start
+    start = time.time()
+    assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features, device)
+    stats.update(cluster_stats)
+    if args.prototypes == "kmeans":
+        stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
+        if rank == 0:
+            stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
+            if previous is not None and previous.shape == assignments.shape:
+                stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+    # k-means heads restart after every clustering; a ground-truth head starts once.
+    if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
+        run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features, assignments,
+                                               world, device)
+    return assignments, stats
+
+
 def pair_batches(sampler):
     """The sampler's (anchor, partner, same) triples -> index batches [2P]: P anchors, then
     partners."""
@@ -266,9 +305,16 @@ def pair_batches(sampler):
         yield torch.cat([t[:, 0], t[:, 1]])                    # 2P
 
 
-def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device):
+def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, device,
+                    partial=None, save_partial=None):
     """One pass over the training set on Eq. 5 (LARS for the network, its own SGD for the prototype
-    heads). Returns the epoch's statistics: mean losses, over the last 20 steps too, lr, speed."""
+    heads), from step partial["step"] on when a run resumes inside the epoch.
+
+    The steady state never waits for the device: each step's losses stay there, in a [steps,
+    terms] table, and every --log-every steps one read all-reduces and checks the new rows (a
+    non-finite loss stops the run, reporting its first step) and updates the bar. Every
+    --save-every steps, the rows are checked and save_partial(state) writes a checkpoint inside the
+    epoch. Returns the epoch's statistics: mean losses, over the last 20 steps too, lr, speed."""
     model, optimizer, proto_optimizer, scaler = (run["model"], run["optimizer"],
                                                  run["proto_optimizer"], run["scaler"])
     sampler, steps = run["sampler"], len(run["sampler"])
@@ -276,60 +322,78 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
         + (["metric"] if use_prototypes and args.w_metric else []) \
         + (["proto"] if use_prototypes and args.w_proto else [])
     names = ["total"] + term_names
-    sums = torch.zeros(len(names), device=device)
-    recent = collections.deque(maxlen=20)         # the last steps: how far a fresh head got
+    done = partial["step"] if partial else 0
+    history = torch.zeros(steps, len(names), device=device)   # each step's losses, mean of ranks
+    if partial:
+        history[:done] = partial["history"].to(device)
+    checked, seconds_before = done, partial["seconds"] if partial else 0.0
+    on_device = assignments.to(device)                         # N x H: looked up on the device
     model.train()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=rank != 0, dynamic_ncols=True, leave=False)
     start = time.time()
-    batches = run["views"].batches(pair_batches(sampler), "simclr",
-                                   key=(args.seed, data.TRAIN_VIEWS, epoch, rank), copies=2)
-    for i, ((v1, v2), _, idx) in enumerate(batches):              # v1, v2: 2P x 3 x S x S
-        step = epoch * steps + i
+    batches = run["views"].batches(itertools.islice(pair_batches(sampler), done, None), "simclr",
+                                   key=(args.seed, data.TRAIN_VIEWS, epoch, rank), copies=2,
+                                   start=done)
+    for i, ((v1, v2), _, idx) in enumerate(batches, done):         # v1, v2: 2P x 3 x S x S
         progress["step"] = i + 1
-        lr = runtime.cosine_lr(step, run["total_steps"], run["base_lr"], run["warmup_steps"])
+        lr = runtime.cosine_lr(epoch * steps + i, run["total_steps"], run["base_lr"],
+                               run["warmup_steps"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch_assignments = assignments[idx]                           # 2P x H
+        batch_assignments = on_device[idx.to(device, non_blocking=True)]  # 2P x H
         P = len(idx) // 2
-        same = (batch_assignments[:P, 0] == batch_assignments[P:, 0]).long().to(device)     # P
+        same = (batch_assignments[:P, 0] == batch_assignments[P:, 0]).long()       # P
         v1 = v1.contiguous(memory_format=torch.channels_last)
         v2 = v2.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=run["amp_dtype"],
                             enabled=run["amp_dtype"] is not None):
-            loss, terms = run["step_module"](v1, v2, same, batch_assignments.to(device),
-                                             use_prototypes)
-        # One small collective for all ranks to agree on the logged values and on a NaN stop.
-        values = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        values = values.tolist()
-        if not all(math.isfinite(v) for v in values):
-            named = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
-            fail(f"non-finite loss at epoch {epoch + 1} step {i + 1}/{steps}: {named}; "
-                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)",
-                 rank == 0)
+            loss, terms = run["step_module"](v1, v2, same, batch_assignments, use_prototypes)
+        history[i] = torch.stack([loss.detach()] + [terms[n] for n in term_names]).float()
         model.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         if proto_optimizer is not None and use_prototypes and args.w_proto:
             scaler.step(proto_optimizer)
         scaler.update()
-        sums += torch.tensor(values, device=device)
-        recent.append(values)
-        bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names, values))
-                            + f" lr={lr:.3g} "
-                              f"img/s={(i + 1) * len(v1) * world / (time.time() - start):.0f}")
         bar.update()
+        save_now = save_partial is not None and args.save_every and (i + 1) % args.save_every == 0
+        if (i + 1) % args.log_every == 0 or i + 1 == steps or save_now:
+            rows = history[checked:i + 1]              # one read of the device, every N steps
+            if world > 1:
+                dist.all_reduce(rows)
+                rows /= world
+            rows = rows.tolist()
+            stop_if_not_finite(rows, names, epoch, checked, steps, rank)
+            checked = i + 1
+            bar.set_postfix_str(" ".join(f"{n}={v:.3f}" for n, v in zip(["loss"] + term_names,
+                                                                        rows[-1]))
+                                + f" lr={lr:.3g} img/s="
+                                  f"{(i + 1 - done) * len(v1) * world / (time.time() - start):.0f}")
+        if save_now and i + 1 < steps:
+            save_partial({"step": i + 1, "history": history[:i + 1].cpu(),
+                          "seconds": seconds_before + time.time() - start})
     bar.close()
-    seconds = time.time() - start
-    stats = {f"loss_{n}": v for n, v in zip(names, (sums / steps).tolist())}
-    stats.update({f"loss_{n}_last{len(recent)}": sum(r[j] for r in recent) / len(recent)
-                  for j, n in enumerate(names)})
+    seconds = seconds_before + time.time() - start
+    last = history[-20:]                              # the last steps: how far a fresh head got
+    stats = {f"loss_{n}": v for n, v in zip(names, history.mean(0).tolist())}
+    stats.update({f"loss_{n}_last{len(last)}": v for n, v in zip(names, last.mean(0).tolist())})
     stats.update(lr=lr, images_per_second=steps * args.batch_size / seconds, train_seconds=seconds,
                  images_seen=(epoch + 1) * steps * args.batch_size)
     return stats
+
+
+def stop_if_not_finite(rows, names, epoch, first, steps, rank):
+    """Stop at the first of rows (steps first + 1, ...) whose losses are not all finite, saying
+    which step and which term; the last checkpoint, written before those steps, is kept. Under
+    torchrun with --max-restarts the job ends: a restart would only meet the same NaN."""
+    for j, values in enumerate(rows):
+        if not all(math.isfinite(v) for v in values):
+            named = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
+            runtime.end_job()
+            fail(f"non-finite loss at epoch {epoch + 1} step {first + j + 1}/{steps}: {named}; "
+                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)",
+                 rank == 0)
 
 
 @torch.no_grad()
@@ -391,7 +455,10 @@ def load_checkpoint(path, config, master):
     try:
         ckpt = runtime.read_checkpoint(path)
     except ValueError as e:
-        fail(f"{e}; move it away to start afresh", master)
+        previous = runtime.previous_path(path)
+        fail(f"{e}; move it away to start afresh"
+             + (f", or replace it with {previous}, the checkpoint before it, to resume from there"
+                if os.path.exists(previous) else ""), master)
     if not isinstance(ckpt, dict) or not {"config", "model", "optimizer", "epoch"} <= set(ckpt):
         fail(f"{path} is not a train.py checkpoint (an exported encoder?); use another --out",
              master)
@@ -549,7 +616,7 @@ def build(args, ks, N, world, device):
             "warmup_steps": round(args.warmup_epochs * len(sampler))}
 
 
-def restore(args, run, ckpt, config, master):
+def restore(args, run, ckpt, config, rank, master):
     """Load a checkpoint into the training state. Returns the k-means assignments of its last
     epoch (for nmi_prev), or None when it had none."""
     run["model"].load_state_dict(ckpt["model"])
@@ -558,15 +625,23 @@ def restore(args, run, ckpt, config, master):
         run["proto_optimizer"].load_state_dict(ckpt["proto_optimizer"])
     if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
         run["scaler"].load_state_dict(ckpt["scaler"])
-    start_epoch = ckpt["epoch"]
+    # Training draws its randomness from generators seeded by (seed, stream, epoch, rank, ...);
+    # each rank's global state is restored too, for code that adds draws of its own (a checkpoint
+    # of an older train.py holds rank 0's only).
+    states = ckpt["rng"]["cpu"]
+    if isinstance(states, list) and rank < len(states):
+        torch.set_rng_state(states[rank])
+    elif master and torch.is_tensor(states):
+        torch.set_rng_state(states)
+    start_epoch, partial = ckpt["epoch"], ckpt.get("partial")
     if master:
-        # Training draws its randomness from generators seeded by (seed, stream, epoch, rank);
-        # the global state is restored for code that adds draws of its own.
-        torch.set_rng_state(ckpt["rng"]["cpu"])
         changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
                    if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
-                   and k not in ("out", "workers", "stop_after", "allow_schedule_change")]
-        print(f"resumed from {progress['checkpoint']} after epoch {start_epoch} of {args.epochs}"
+                   and k not in ("out", "workers", "stop_after", "allow_schedule_change",
+                                 "save_every", "log_every", "timeout")]
+        where = (f"at step {partial['step']} of epoch {start_epoch + 1}" if partial
+                 else f"after epoch {start_epoch}")
+        print(f"resumed from {progress['checkpoint']} {where} of {args.epochs}"
               + (f"; changed since: {', '.join(changed)}" if changed else ""))
         rescheduled = schedule_changes(ckpt["config"], config)
         if rescheduled:
@@ -581,20 +656,34 @@ def restore(args, run, ckpt, config, master):
     return None
 
 
-def save(args, run, epoch, assignments, stats, config):
-    """Append the epoch's line to metrics.jsonl, then write checkpoint.pth atomically (rank 0)."""
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
+def save(args, run, epoch, assignments, stats, config, world, master, partial=None):
+    """Write checkpoint.pth atomically, keeping the one before as checkpoint.prev.pth (rank 0; every
+    rank calls it, for its random state). At the end of an epoch (partial None) first append the
+    epoch's line to metrics.jsonl; inside an epoch, partial holds train_one_epoch's state."""
+    rng = [torch.get_rng_state()]
+    if world > 1:
+        rng = [None] * world
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if not master:
+        return
+    if partial is None:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+    else:
+        partial = dict(partial, stats=stats)
     runtime.atomic_save({"format": CHECKPOINT_FORMAT, "model": run["model"].state_dict(),
                          "optimizer": run["optimizer"].state_dict(),
                          "proto_optimizer": (run["proto_optimizer"].state_dict()
                                              if run["proto_optimizer"] else None),
-                         "scaler": run["scaler"].state_dict(), "epoch": epoch + 1,
-                         "assignments": assignments, "rng": {"cpu": torch.get_rng_state()},
-                         "config": config}, progress["checkpoint"])
-    progress["saved_epoch"] = epoch + 1
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
-                      if not isinstance(v, dict)}))
+                         "scaler": run["scaler"].state_dict(),
+                         "epoch": epoch + 1 if partial is None else epoch, "partial": partial,
+                         "assignments": assignments, "rng": {"cpu": rng}, "config": config},
+                        progress["checkpoint"], keep_previous=True)
+    progress.update(saved_epoch=epoch + 1 if partial is None else epoch,
+                    saved_step=partial["step"] if partial else 0)
+    if partial is None:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
+                          if not isinstance(v, dict)}))
 
 
 def main(argv=None):
@@ -602,6 +691,7 @@ def main(argv=None):
     rank, world, device = runtime.setup_distributed()
     master = rank == 0
     torch.manual_seed(args.seed + rank)
+    torch.backends.cudnn.benchmark = device.type == "cuda"     # fixed shapes: pick the fastest
     problem = check_args(args, world)
     if problem:
         fail(problem, master)
@@ -610,7 +700,7 @@ def main(argv=None):
         fail(f"--out {args.out!r} cannot be written ({why}); give a folder you can write to",
              master)
     progress.update(epoch=None, epochs=args.epochs, step=None, steps=None, saved_epoch=0,
-                    checkpoint=os.path.join(args.out, "checkpoint.pth"))
+                    saved_step=0, checkpoint=os.path.join(args.out, "checkpoint.pth"))
 
     # ---- resume: the checkpoint is read before the data, so a finished or refused run
     # costs nothing
@@ -620,6 +710,7 @@ def main(argv=None):
         del config["num_prototypes"]          # one per class: known once the data is loaded
     ckpt = resume_point(args, config, world, device, master)
     start_epoch = progress["saved_epoch"] = ckpt["epoch"] if ckpt else 0
+    progress["saved_step"] = ckpt["partial"]["step"] if ckpt and ckpt.get("partial") else 0
     if start_epoch >= args.epochs:
         if master:
             print(f"{args.out} is finished: {progress['checkpoint']} holds epoch {start_epoch} of "
@@ -648,7 +739,7 @@ def main(argv=None):
         print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight "
               f"decay and trust ratio; {len(targets)} images, world size {world}, device {device}, "
               f"AMP {amp_dtype}")
-    previous = restore(args, run, ckpt, config, master) if ckpt else None
+    previous = restore(args, run, ckpt, config, rank, master) if ckpt else None
     progress["steps"] = len(run["sampler"])
 
     # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ------
@@ -658,41 +749,25 @@ def main(argv=None):
     bank = None
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
-        stats = {"epoch": epoch + 1}                  # the epoch this line reports, counted from 1
         progress.update(epoch=epoch + 1, step=0)
         use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
+        partial = ckpt.get("partial") if ckpt and epoch == start_epoch else None
 
-        # 1. Prototypes (Sec. 3.2): every image's cluster, or singletons for plain SimCLR.
-        features = None
-        if use_prototypes and args.prototypes == "kmeans":
-            start = time.time()
-            features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets),
-                                                         epoch, rank, world, device, amp_dtype)
-            stats["feature_seconds"] = time.time() - start
-        if use_prototypes:
-            start = time.time()
-            assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features,
-                                                               device)
-            stats.update(cluster_stats)
-            if args.prototypes == "kmeans":
-                stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
-                if master:
-                    stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
-                    if previous is not None and previous.shape == assignments.shape:
-                        stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(),
-                                                        previous[:, 0].numpy())
-            # k-means heads restart after every clustering; a ground-truth head starts once.
-            if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
-                run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features,
-                                                       assignments, world, device)
+        # 1. Prototypes (Sec. 3.2): every image's cluster, or singletons for plain SimCLR. A run
+        # resumed inside the epoch finds them, and the epoch's statistics so far, in its checkpoint.
+        if partial:
+            assignments, stats = ckpt["assignments"], partial["stats"]
         else:
-            assignments = torch.arange(len(targets))[:, None]  # singletons: uniformly random pairs
+            assignments, stats = epoch_prototypes(args, epoch, run, ks, targets, bank, previous,
+                                                  use_prototypes, rank, world, device)
         run["sampler"].set_assignments(assignments[:, 0])
         run["sampler"].set_epoch(epoch)
 
-        # 2. One epoch of Eq. 5.
+        # 2. One epoch of Eq. 5, checkpointed every --save-every steps.
+        def save_partial(state):
+            save(args, run, epoch, assignments, stats, config, world, master, partial=state)
         stats.update(train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world,
-                                     device))
+                                     device, partial, save_partial))
 
         # 3. Monitor, log, checkpoint.
         monitor_stats, knn_features, knn_ran = monitor(
@@ -703,8 +778,7 @@ def main(argv=None):
                                                                               # augmented views
         stats.update(monitor_stats)
         stats["epoch_seconds"] = time.time() - epoch_start
-        if master:
-            save(args, run, epoch, assignments, stats, config)
+        save(args, run, epoch, assignments, stats, config, world, master)
         previous = assignments if use_prototypes else None
         if world > 1:
             dist.barrier()
@@ -719,9 +793,11 @@ def interrupted_message():
     p = progress
     where = ("before training" if not p["epoch"] else f"in epoch {p['epoch']}/{p['epochs']} "
              + (f"at step {p['step']}/{p['steps']}" if p["step"] else "before its first step"))
-    if p["saved_epoch"]:
-        return (f"train.py: interrupted {where}; the last checkpoint is {p['checkpoint']} (after "
-                f"epoch {p['saved_epoch']}); run the same command to resume")
+    if p["saved_epoch"] or p["saved_step"]:
+        held = (f"epoch {p['saved_epoch'] + 1} step {p['saved_step']}" if p["saved_step"]
+                else f"after epoch {p['saved_epoch']}")
+        return (f"train.py: interrupted {where}; the last checkpoint is {p['checkpoint']} "
+                f"({held}); run the same command to resume")
     return f"train.py: interrupted {where}; no checkpoint yet, so the same command starts afresh"
 
 
