@@ -161,6 +161,17 @@ def eval_transform(size=224, mean_std=MEAN_STD["imagenet"]):
                       T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
 
 
+def to_device(x, device):
+    """CPU tensor x on device without waiting: a blocking host-to-GPU copy first waits for every
+    kernel queued before it, so each random draw that a batched augmentation sends to the GPU would
+    stall the step. Pinned (page-locked) memory lets the copy run in the queue's order, and
+    PyTorch's pinned-memory cache keeps x's block until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def _gray(x):
     """ITU-R 601 luma with torchvision's coefficients: [B, 3, H, W] -> [B, 1, H, W]."""
     return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
@@ -194,8 +205,8 @@ def crop_resize(x, boxes, size):
     (pixel centres, align_corners=False); sampling_ratio=0 averages ceil(crop/size) samples per
     output pixel when shrinking, which stands in for the antialiasing of torchvision's resize.
     """
-    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1).to(
-        x.device, x.dtype)
+    rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)  # B x 5
+    rois = to_device(rois.to(x.dtype), x.device)
     return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
@@ -258,11 +269,11 @@ class BatchAugment:
         x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),         # B x 3 x H x W
                         self.crop_boxes(B, H, W, generator), self.size)        # B x 3 x S x S
         flip = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+        x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
         x = self._color_jitter(x, generator)
-        gray = (torch.rand(B, generator=generator) < 0.2).to(device).view(-1, 1, 1, 1)
+        gray = to_device(torch.rand(B, generator=generator) < 0.2, device).view(-1, 1, 1, 1)
         x = torch.where(gray, _gray(x).expand_as(x), x)
-        return (x - self.mean.to(device)) / self.std.to(device)
+        return (x - to_device(self.mean, device)) / to_device(self.std, device)
 
     def _color_jitter(self, x, generator):
         B = x.shape[0]
@@ -278,8 +289,8 @@ class BatchAugment:
                 idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
                 if len(idx) == 0:
                     continue
-                f = factors[idx, op].to(x.device)
-                idx = idx.to(x.device)
+                f = to_device(factors[idx, op], x.device)
+                idx = to_device(idx, x.device)
                 x[idx] = adjust(x[idx], op, f)
         return x
 
@@ -327,9 +338,9 @@ def crop_flip(images, mean_std, generator):
     augment = BatchAugment(H, mean_std)            # for torchvision's crop rule, crop_boxes
     x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),
                     augment.crop_boxes(B, H, W, generator), (H, W))              # B x 3 x H x W
-    flip = (torch.rand(B, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+    flip = to_device(torch.rand(B, generator=generator) < 0.5, x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
-    return (x - augment.mean.to(x.device)) / augment.std.to(x.device)
+    return (x - to_device(augment.mean, x.device)) / to_device(augment.std, x.device)
 
 
 def crop_flip_transform(size, mean_std):
@@ -434,10 +445,9 @@ class Views:
                  else seeded_generator(*key, b))
             idx = torch.as_tensor(idx, dtype=torch.int64)
             if view == "eval":
-                x = [self.dataset.normalised(idx).to(self.device) for _ in range(copies)]
+                x = [to_device(self.dataset.normalised(idx), self.device) for _ in range(copies)]
             else:
-                images = self.dataset.images[idx].to(self.device,
-                                                     non_blocking=True)     # B x H x W x 3
+                images = to_device(self.dataset.images[idx], self.device)        # B x H x W x 3
                 make = (self.augment if view == "simclr"
                         else (lambda im, gen: crop_flip(im, self.mean_std, gen)))
                 x = [make(images, g) for _ in range(copies)]                # B x 3 x S x S

@@ -1061,7 +1061,7 @@ def _same_run(straight, other):
     rows_a, rows_b = _metrics(straight), _metrics(other)
     assert [r["epoch"] for r in rows_b] == [1, 2]
     for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "loss_total_last20",
+        for key in ("loss_total", "loss_con", "loss_metric", "loss_proto", "loss_total_last5",
                     "sim_tp", "sim_fn", "nmi_gt"):
             assert ra[key] == rb[key], key
         assert ra.get("nmi_prev") == rb.get("nmi_prev")

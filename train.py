@@ -341,7 +341,7 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
                                run["warmup_steps"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch_assignments = on_device[idx.to(device, non_blocking=True)]  # 2P x H
+        batch_assignments = on_device[data.to_device(idx, device)]          # 2P x H
         P = len(idx) // 2
         same = (batch_assignments[:P, 0] == batch_assignments[P:, 0]).long()       # P
         v1 = v1.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,298 @@
+"""One prepared check of the CUDA path on one GPU, about 5-8 minutes: one JSON line per section.
+
+    bash experiments/gpu_check.sh             # installs the carried faiss wheel, then runs this
+    python experiments/gpu_check.py --smoke   # the same sections at toy sizes (CPU is fine)
+
+Sections:
+    env       the machine: GPU, torch, faiss and its threads.
+    step      one training step of ResNet-50 at 224 px (bf16 autocast, channels_last, LARS and the
+              heads' SGD), SPCL and SimCLR on the same inputs already on the GPU: views/s, ms a
+              step, peak GPU memory, and the SPCL / SimCLR time ratio.
+    syncs     train.py's own epoch (train.train_one_epoch, in-memory views made on the GPU) under
+              torch.cuda.set_sync_debug_mode: the host-device synchronisations of each step, by
+              line. The steady state should have none between the --log-every reads.
+    features  the feature pass (cluster.extract_features) of ResNet-50 in eval mode: images/s.
+    cluster   the clustering step at ImageNet-1k size (N = 1,281,167 float16 features, F = 2048,
+              K = 1000): PCA-whitening and k-means with the machine's threads (faiss on the GPU
+              when faiss sees one), seconds and host peak memory.
+    decode    on-disk SimCLR views of ImageNet-sized JPEGs (written here, 200-500 px) made by
+              data.Views's DataLoader workers, views/s with all cores, against torchvision's PIL
+              recipe in the same workers.
+It imports train.py (as the tests do) to check its step, not a copy of it.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import cluster  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+from lars import LARS  # noqa: E402
+from models import SPCLModel, TrainingStep  # noqa: E402
+
+
+def emit(section, **values):
+    print(json.dumps({"section": section, **values}), flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def env(args, device):
+    try:
+        import faiss
+        faiss_info = {"faiss": faiss.__version__, "faiss_gpus": faiss.get_num_gpus(),
+                      "faiss_threads": faiss.omp_get_max_threads()}
+    except ImportError:
+        faiss_info = {"faiss": None}
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    emit("env", torch=torch.__version__, gpu=gpu, cores=len(os.sched_getaffinity(0)),
+         bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(), **faiss_info)
+
+
+def step(args, device):
+    """SPCL and SimCLR steps on the same batch already on the device."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    B = args.batch                                          # images: P anchors + P partners
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.randn(B, 3, args.size, args.size, generator=g).to(device)
+              .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    assignments = torch.randint(0, 1000, (B, 1), generator=g).to(device)
+    same = (torch.arange(B // 2) % 2).to(device)
+    results = {}
+    for arm, weights in (("simclr", dict(w_metric=0, w_proto=0, contrast="joint")),
+                         ("spcl", dict(w_metric=1, w_proto=1, contrast="per-side"))):
+        torch.manual_seed(0)
+        model = SPCLModel(args.arch, cifar_stem=args.size <= 64,
+                          num_prototypes=[1000] if weights["w_proto"] else ())
+        model = model.to(device, memory_format=torch.channels_last)
+        module = TrainingStep(model, temperature=0.1, **weights)
+        heads = {id(p) for p in model.proto_heads.parameters()}
+        lars = LARS([p for p in model.parameters() if id(p) not in heads], lr=1.0,
+                    weight_decay=1e-6)
+        sgd = (torch.optim.SGD(model.proto_heads.parameters(), lr=1.0) if heads else None)
+
+        def one_step():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, _ = module(v1, v2, same, assignments, True)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            lars.step()
+            if sgd:
+                sgd.step()
+
+        for _ in range(args.warmup):
+            one_step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            one_step()
+        sync(device)
+        seconds = (time.perf_counter() - start) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        results[arm] = seconds
+        emit("step", arm=arm, arch=args.arch, images=B, views=2 * B, size=args.size,
+             ms_per_step=round(1000 * seconds, 2), views_per_second=round(2 * B / seconds),
+             peak_gpu_gb=peak and round(peak, 2), amp=str(amp), channels_last=True)
+        del model, module, lars, sgd
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    emit("step", spcl_over_simclr=round(results["spcl"] / results["simclr"], 3))
+
+
+def fake_cifar(root, per_class, size=32):
+    """An ImageFolder tree of random PNGs: the in-memory (CIFAR) path reads it like CIFAR-10."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 4)):
+        for c in range(10):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+
+
+def syncs(args, device):
+    """train.train_one_epoch under the sync debug mode, each synchronisation told by its step."""
+    root = tempfile.mkdtemp()
+    fake_cifar(root, per_class=args.sync_images // 10)
+    per_step, where, real = {}, {}, train.train_one_epoch
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        # Called as the warning is raised: the stack says which line of the repo synchronised.
+        stack = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack()
+                 if os.path.dirname(os.path.abspath(f.filename)) == os.path.dirname(HERE)]
+        s = train.progress["step"]
+        per_step[s] = per_step.get(s, 0) + 1
+        key = " < ".join(reversed(stack[-3:]))
+        where[key] = where.get(key, 0) + 1
+
+    def watched(*a, **k):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = note                # restored by catch_warnings
+            if device.type == "cuda":                 # (on the CPU: the epoch runs, uncounted)
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real(*a, **k)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+
+    train.train_one_epoch = watched
+    try:
+        out = tempfile.mkdtemp()
+        train.main(["--dataset", "cifar10", "--data", root, "--out", out, "--arch", args.sync_arch,
+                    "--epochs", "1", "--batch-size", "128", "--num-prototypes", "16",
+                    "--log-every", "1000", "--workers", "0"])
+    finally:
+        train.train_one_epoch = real
+    steps = train.progress["steps"]
+    steady = {s: n for s, n in per_step.items() if s is not None and 3 <= s < steps}
+    emit("syncs", counted=device.type == "cuda", steps=steps, syncs_by_step={str(k): v for k, v in sorted(per_step.items(),
+                                                                          key=str)},
+         steady_state_syncs=sum(steady.values()), where=where)
+
+
+def features(args, device):
+    """extract_features of a ResNet-50 over images already on the device."""
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    model = SPCLModel(args.arch, cifar_stem=args.size <= 64).to(
+        device, memory_format=torch.channels_last).eval()
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    loader = [(images, torch.zeros(args.batch, dtype=torch.int64),
+               torch.arange(b * args.batch, (b + 1) * args.batch))
+              for b in range(args.feature_batches)]
+    n = args.batch * args.feature_batches
+    for x, _, _ in loader[:2]:                       # warm-up: cudnn picks its algorithms
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model.encoder(x)
+    sync(device)
+    start = time.perf_counter()
+    cluster.extract_features(model.encoder, loader, n, device, amp_dtype=amp)
+    sync(device)
+    seconds = time.perf_counter() - start
+    emit("features", arch=args.arch, images=n, size=args.size, seconds=round(seconds, 2),
+         images_per_second=round(n / seconds))
+
+
+def clustering(args, device):
+    """The clustering step at ImageNet-1k size, with the machine's threads."""
+    N, F, K = args.cluster_n, args.cluster_f, args.cluster_k
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(K, F, generator=g)
+    feats = torch.empty(N, F, dtype=torch.float16)
+    for start in range(0, N, 65536):                 # clustered synthetic features, in chunks
+        end = min(N, start + 65536)
+        labels = torch.randint(0, K, (end - start,), generator=g)
+        feats[start:end] = (centres[labels] + 2 * torch.randn(end - start, F, generator=g)).half()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    start = time.perf_counter()
+    assignments, stats = cluster.distributed_kmeans(feats, [K], N, seed=0, niter=args.kmeans_iters,
+                                                    pca_dim=256)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    emit("cluster", n=N, f=F, k=K, iterations=args.kmeans_iters, seconds=round(seconds, 1),
+         preprocess_seconds=round(stats[0]["preprocess_seconds"], 1),
+         kmeans_seconds=round(stats[0]["seconds"], 1), host_peak_gb=round(peak, 2),
+         host_peak_gb_before_clustering=round(before, 2), empty_clusters=stats[0]["empty_clusters"])
+
+
+def jpeg_folder(root, n):
+    """n JPEGs of ImageNet-like sizes (200-500 px a side), smooth random content, in 10 classes."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for i in range(n):
+        h, w = g.integers(200, 500, 2)
+        small = g.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((int(w), int(h)), Image.BILINEAR)
+        folder = os.path.join(root, "train", f"class{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
+
+
+def decode(args, device):
+    """views/s of the on-disk pipeline with all cores against torchvision's PIL recipe."""
+    root = tempfile.mkdtemp()
+    jpeg_folder(root, args.jpegs)
+    dataset = data.load_dataset("folder", root, train=True)
+    workers = len(os.sched_getaffinity(0))
+    views = data.Views(dataset, 224, data.MEAN_STD["imagenet"], jitter=1.0, workers=workers,
+                       device=device)
+    batches = [list(range(i, min(i + 128, len(dataset)))) for i in range(0, len(dataset), 128)]
+
+    def ours(epoch):
+        for x, _, _ in views.batches(batches, "simclr", key=(0, 0, epoch, 0), copies=2):
+            pass
+        sync(device)
+
+    recipe = data.Transformed(dataset, data.simclr_transform(224, 1.0), copies=2)
+
+    def pil(epoch):
+        loader = torch.utils.data.DataLoader(recipe, batch_size=128, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
+        for (x1, x2), _, _ in loader:
+            x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
+        sync(device)
+
+    rates = {}
+    for name, fn in (("views", ours), ("pil_recipe", pil)):
+        fn(0)                                                   # warm-up: workers, page cache
+        start = time.perf_counter()
+        for epoch in range(1, 3):
+            fn(epoch)
+        rates[name] = 2 * 2 * len(dataset) / (time.perf_counter() - start)
+    emit("decode", images=len(dataset), workers=workers,
+         views_per_second=round(rates["views"]), pil_views_per_second=round(rates["pil_recipe"]),
+         ratio=round(rates["views"] / rates["pil_recipe"], 2))
+
+
+SECTIONS = {"env": env, "step": step, "syncs": syncs, "features": features,
+            "cluster": clustering, "decode": decode}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
+    p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script runs")
+    args = p.parse_args()
+    full = dict(arch="resnet50", size=224, batch=256, warmup=5, steps=15, sync_images=1280,
+                sync_arch="resnet18",
+                feature_batches=16, cluster_n=1_281_167, cluster_f=2048, cluster_k=1000,
+                kmeans_iters=20, jpegs=2048)
+    smoke = dict(arch="resnet18_narrow", size=32, batch=16, warmup=1, steps=2, sync_images=320,
+                 sync_arch="resnet18_narrow",
+                 feature_batches=2, cluster_n=2000, cluster_f=64, cluster_k=10, kmeans_iters=5,
+                 jpegs=40)
+    for key, value in (smoke if args.smoke else full).items():
+        setattr(args, key, value)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in args.only.split(","):
+        try:
+            SECTIONS[name](args, device)
+        except Exception as e:                       # one broken section must not cost the rest
+            emit(name, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+
+
+if __name__ == "__main__":
+    main()
