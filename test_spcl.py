@@ -983,6 +983,52 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     assert folder.transform is None                      # no view is ever written into the dataset
 
 
+def _gaussian_blur_numpy(image, sigma):
+    """A separable Gaussian of a [H, W, C] array, the kernel sampled to +-4 sigma, edges
+    repeated."""
+    r = int(math.ceil(4 * sigma)) + 1
+    kernel = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    x = np.pad(image.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="edge")
+    x = np.apply_along_axis(np.convolve, 0, x, kernel, "valid")
+    return np.apply_along_axis(np.convolve, 1, x, kernel, "valid")
+
+
+def test_pil_gaussian_blur_is_a_gaussian_of_the_drawn_sigma_and_follows_the_key():
+    blur = data.GaussianBlur((0.1, 2.0))
+    line = np.zeros((9, 41, 3), np.uint8)
+    line[:, 20] = 255                                             # a vertical line impulse
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    sigmas = []
+    for seed in range(20):                                     # sigma 0.11 to 1.94
+        torch.manual_seed(seed)
+        sigma = float(torch.empty(()).uniform_(0.1, 2.0))        # the draw the docstring names
+        sigmas.append(sigma)
+        torch.manual_seed(seed)
+        profile = np.asarray(blur(Image.fromarray(line))).astype(np.float64)[4, :, 0]
+        torch.manual_seed(seed)
+        blurred = np.asarray(blur(Image.fromarray(noise))).astype(np.float64)
+        # The impulse response's spread is sigma (PIL's three box blurs keep the variance; below
+        # 0.2 its tails round to 0 in uint8).
+        spread = math.sqrt((profile * (np.arange(41) - 20) ** 2).sum() / profile.sum())
+        assert abs(spread - sigma) < 0.05 * sigma + 0.03 or sigma < 0.2, (sigma, spread)
+        if sigma >= 0.5:   # below, a sampled Gaussian is no reference: its weight is all central
+            error = [np.abs(blurred - _gaussian_blur_numpy(noise, f * sigma))[8:-8, 8:-8].mean()
+                     for f in (1, 0.8, 1.25)]
+            # The drawn sigma fits far better than 20% off; from sigma 1 within 1.5 levels on
+            # average (three box blurs are close to a Gaussian, closer the wider they are).
+            assert error[0] < 0.6 * min(error[1:]) and (error[0] < 1.5 or sigma < 1), error
+    assert min(sigmas) < 0.2 and max(sigmas) > 1.9
+    # Through Transformed: a function of (key, image), whatever torch's global state.
+    image = Image.fromarray(noise)
+    keyed = data.Transformed([(image, 0)], data.GaussianBlur())
+    torch.manual_seed(0)
+    a = keyed[(0, (1, 2))][0]
+    torch.manual_seed(1)
+    assert np.array_equal(a, keyed[(0, (1, 2))][0])
+    assert not np.array_equal(a, keyed[(0, (1, 3))][0])
+
+
 def test_pair_batches_are_the_anchors_then_their_partners():
     labels = np.arange(40) % 6
     sampler = PrototypePairSampler(labels, 8, num_replicas=2, rank=1)
