@@ -983,6 +983,68 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     assert folder.transform is None                      # no view is ever written into the dataset
 
 
+class _WorkerPids(torch.utils.data.Dataset):
+    """A dataset's images with the id of the process that read each as its target."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], os.getpid()
+
+
+def test_views_on_disk_keep_their_workers_and_views_across_passes(tmp_path):
+    folder = _png_folder(tmp_path, n=10)
+    views = data.Views(_WorkerPids(folder), 16, data.MEAN_STD["imagenet"], workers=2)
+    batches = [[4, 0, 9], [2, 7], [1, 3], [8]]
+    passes = [list(views.batches(batches, "simclr", key=(7, 0, epoch), copies=2))
+              for epoch in range(2)]
+    for epoch, one_pass in enumerate(passes):
+        fresh = data.Views(folder, 16, data.MEAN_STD["imagenet"], workers=0)
+        for ((a, b), pids, idx), ((fa, fb), _, fidx) in zip(
+                one_pass, fresh.batches(batches, "simclr", key=(7, 0, epoch), copies=2)):
+            assert torch.equal(idx, fidx) and torch.equal(a, fa) and torch.equal(b, fb)
+    pids = [{int(p) for _, batch_pids, _ in one_pass for p in batch_pids} for one_pass in passes]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] and os.getpid() not in pids[0]
+    assert not torch.equal(passes[0][0][0][0], passes[1][0][0][0])    # another epoch's key
+    # A pass left after one batch (train.similarity_probe's) leaves the next pass whole.
+    next(iter(views.batches(batches, "simclr", key=(7, 0, 1), copies=2)))
+    again = list(views.batches(batches, "simclr", key=(7, 0, 0), copies=2))
+    assert all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[2], b[2])
+               for a, b in zip(again, passes[0], strict=True))
+    assert {int(p) for _, batch_pids, _ in again for p in batch_pids} == pids[0]
+    # Two passes read in turns: the second gets a loader of its own, and both stay right.
+    for (x, _, idx), (e, _, eidx) in zip(views.batches(batches, "simclr", key=(7, 0, 0)),
+                                         views.batches(batches, "eval")):
+        want = passes[0][[b.tolist() for _, _, b in passes[0]].index(idx.tolist())]
+        assert torch.equal(x, want[0][0]) and torch.equal(eidx, idx)
+        assert torch.equal(e, next(iter(fresh.batches([idx], "eval")))[0])
+
+
+@pytest.mark.parametrize("view,transform", [
+    ("eval", lambda mean_std: data.eval_transform(16, mean_std)),
+    ("simclr", lambda mean_std: data.simclr_transform(16, 1.0, mean_std=mean_std)),
+    ("crop_flip", lambda mean_std: data.crop_flip_transform(16, mean_std))])
+def test_views_on_disk_are_made_in_uint8_and_equal_the_float_transforms(tmp_path, view, transform):
+    folder = _png_folder(tmp_path, n=6, size=20)
+    mean_std = data.MEAN_STD["imagenet"]
+    x, _, idx = next(iter(data.Views(folder, 16, mean_std, jitter=1.0).batches(
+        [[3, 0, 5]], view, key=(2, 9))))
+    key = None if view == "eval" else (2, 9)
+    in_worker = data.Transformed(folder, transform(None))[(3, key, None, 1)][0]
+    assert in_worker.dtype == torch.uint8 and in_worker.shape == (3, 16, 16)
+    # The float path, normalised in the worker as before: the PIL transforms end in uint8 either
+    # way, so within a level of 255 (in fact float error).
+    reference = data.Transformed(folder, transform(mean_std))
+    expected = torch.stack([reference[(i, key, None, 1)][0] for i in idx.tolist()])
+    assert x.dtype == expected.dtype == torch.float32 and x.shape == expected.shape
+    assert (x - expected).abs().max() <= 1 / 255 / max(mean_std[1])
+    assert torch.allclose(data.normalise(in_worker[None], mean_std)[0], expected[0], atol=1e-6)
+
+
 def _gaussian_blur_numpy(image, sigma):
     """A separable Gaussian of a [H, W, C] array, the kernel sampled to +-4 sigma, edges
     repeated."""
@@ -1023,10 +1085,10 @@ def test_pil_gaussian_blur_is_a_gaussian_of_the_drawn_sigma_and_follows_the_key(
     image = Image.fromarray(noise)
     keyed = data.Transformed([(image, 0)], data.GaussianBlur())
     torch.manual_seed(0)
-    a = keyed[(0, (1, 2))][0]
+    a = keyed[(0, (1, 2), None, 1)][0]
     torch.manual_seed(1)
-    assert np.array_equal(a, keyed[(0, (1, 2))][0])
-    assert not np.array_equal(a, keyed[(0, (1, 3))][0])
+    assert np.array_equal(a, keyed[(0, (1, 2), None, 1)][0])
+    assert not np.array_equal(a, keyed[(0, (1, 3), None, 1)][0])
 
 
 def test_pair_batches_are_the_anchors_then_their_partners():
