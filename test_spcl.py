@@ -1194,6 +1194,22 @@ def test_scripts_import_library_modules_only():
         assert not imported & scripts, f"{path} imports {sorted(imported & scripts)}"
 
 
+@pytest.mark.parametrize("cores,local_world,want", [
+    (2, 1, 2), (16, 1, 8), (96, 8, 8), (32, 8, 4), (4, 8, 1), (1, 1, 1), (7, 2, 3)])
+def test_default_workers_share_the_cores_among_the_ranks_of_a_node(cores, local_world, want):
+    assert runtime.default_workers(cores, local_world) == want
+
+
+def test_workers_flag_defaults_from_affinity_and_local_world_size(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for get_args in (train.get_args,
+                     lambda argv: linear_eval.get_args(["--checkpoint", "c"] + argv)):
+        assert get_args([]).workers == 24 // 4 and get_args(["--workers", "0"]).workers == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.get_args([]).workers == 8
+
+
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     runtime.atomic_save({"epoch": 1, "w": torch.ones(3)}, str(tmp_path / "checkpoint.pth"))
 
