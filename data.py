@@ -2,8 +2,9 @@
 
 Small datasets (CIFAR-10/100) are decoded once and kept in memory as uint8 [N, H, W, 3]; their
 augmentations run batched on the training device (`BatchAugment`), so no DataLoader worker and no
-per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk and use
-torchvision's PIL transforms in DataLoader workers (`simclr_transform`).
+per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk: PIL
+transforms (`simclr_transform`) in DataLoader workers kept for the whole run make uint8 views,
+normalised on the training device (`Views`).
 """
 import math
 import os
