@@ -1,6 +1,6 @@
 """What both scripts (train.py, linear_eval.py) need from the process they run in: the
-distributed set-up, the device's AMP dtype, one-line failures, checkpoint files read and written
-safely, and the learning-rate schedule.
+distributed set-up and the DataLoader workers per rank, the device's AMP dtype, one-line
+failures, checkpoint files read and written safely, and the learning-rate schedule.
 
     rank, world, device = setup_distributed(timeout_minutes=60)  # torchrun, or one process
     amp_dtype = autocast_dtype(device)                            # bf16 / fp16 on CUDA, None on CPU
