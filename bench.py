@@ -16,6 +16,9 @@ Sections and their targets:
     step      one SPCL training step against one SimCLR step, same images and model: <= 1.10x.
     augment   SimCLR views per second per core, data.BatchAugment against torchvision's PIL
               transforms on the same decoded images: >= 1.0x.
+    views_disk  SimCLR views per second per core from JPEG files of ImageNet-like sizes (256-400
+              px), data.Views on disk (PIL's blur, uint8 views) against torchvision's PIL recipe
+              (its GaussianBlur, float views made per image), the same files: >= 1.5x.
     epoch     one epoch of the small CPU configuration on real CIFAR-10 (needs
               ../shared/data/cifar10): the feature pass <= 20% of the epoch, k-means <= 2%.
 """
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2 as T
 
 import data
 from cluster import run_kmeans
@@ -259,6 +263,90 @@ def bench_augment(device, repeat):
           f"views/s, ratio {t_pil / t_batch:.2f}")
 
 
+def torchvision_simclr(size, strength, mean_std):
+    """The views_disk baseline: SimCLR's augmentation of one PIL image as torchvision writes it
+    (data.simclr_transform before it used PIL's blur and left normalising to the device)."""
+    s = strength
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1, sigma=(0.1, 2.0))], p=0.5),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+
+
+def jpeg_folder(root, n, seed=0):
+    """An ImageFolder tree of n JPEGs (quality 90) with sides drawn from 256-400 px: CIFAR-10 test
+    images enlarged when ../shared/data/cifar10 is there, else enlarged noise, with grain (std 16
+    levels) for some 3.6 bits per pixel (ImageNet's average file, ~110 kB at ~470 x 390 px, has
+    ~4.8), so that decoding costs what it costs on photographs. Returns (tree, from CIFAR-10)."""
+    rng = np.random.default_rng(seed)
+    sources = None
+    if os.path.isdir(os.path.join(CIFAR10, "test")):
+        samples = torchvision.datasets.ImageFolder(os.path.join(CIFAR10, "test")).samples
+        sources = [samples[i][0] for i in rng.choice(len(samples), n, replace=False)]
+    os.makedirs(os.path.join(root, "c0"))
+    for i in range(n):
+        small = (data.read_image(sources[i]) if sources else
+                 data.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        w, h = (int(v) for v in rng.integers(256, 401, 2))
+        pixels = np.asarray(small.resize((w, h), data.Image.BICUBIC)) + rng.normal(0, 16, (h, w, 3))
+        data.Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(root, "c0", f"{i}.jpg"), quality=90)
+    return torchvision.datasets.ImageFolder(root, loader=data.read_image), sources is not None
+
+
+def view_steps_ms(folder, mean_std):
+    """Milliseconds per image of each step of a view, each applied to every image (the best of
+    three passes): where the time of views_disk goes."""
+    paths = [path for path, _ in folder.samples]
+    images = [data.read_image(path) for path in paths]
+    crop = T.RandomResizedCrop(224, scale=(0.08, 1.0), antialias=True)
+    crops = [crop(image) for image in images]
+    steps = {"decode": lambda: [data.read_image(path) for path in paths],
+             "crop": lambda: [crop(image) for image in images],
+             "jitter": lambda: [T.ColorJitter(0.8, 0.8, 0.8, 0.2)(c) for c in crops],
+             "blur_pil": lambda: [data.GaussianBlur()(c) for c in crops],
+             "blur_torchvision": lambda: [T.GaussianBlur(23, (0.1, 2.0))(c) for c in crops],
+             "to_float_normalised": lambda: [T.Compose(
+                 [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])(c)
+                 for c in crops]}
+    best = {}
+    for name, step in steps.items():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        best[name] = round(min(times) / len(paths) * 1e3, 2)
+    return best
+
+
+def bench_views_disk(device, repeat):
+    print("== views_disk: SimCLR views / s on one core from 256-400 px JPEGs, data.Views / "
+          "torchvision's PIL recipe (target >= 1.5)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mean_std, n = data.MEAN_STD["imagenet"], 96
+    with tempfile.TemporaryDirectory() as root:
+        folder, real = jpeg_folder(root, n)
+        batches = torch.arange(n).split(32)
+        views = data.Views(folder, 224, mean_std, jitter=1.0, workers=0)     # this process only
+        recipe = torchvision_simclr(224, 1.0, mean_std)
+        ours = lambda: [x for x, _, _ in views.batches(batches, "simclr", key=(0,))]
+        theirs = lambda: [torch.stack([recipe(folder[i][0]) for i in b]) for b in batches]
+        t_theirs, t_ours = interleaved([theirs, ours], torch.device("cpu"), max(1, repeat // 2))
+        kb = sum(os.path.getsize(path) for path, _ in folder.samples) / n / 1e3
+        steps = view_steps_ms(folder, mean_std)
+    torch.set_num_threads(threads)
+    print(json.dumps({"section": "views_disk", "images": n, "size": 224,
+                      "sources": "CIFAR-10 test, enlarged" if real else "noise, enlarged",
+                      "kB_per_file": round(kb, 1),
+                      "torchvision_views_per_s": round(n / t_theirs, 1),
+                      "views_per_s": round(n / t_ours, 1), "ratio": round(t_theirs / t_ours, 2),
+                      "ms_per_image_step": steps}))
+
+
 def bench_epoch(device, repeat):
     print("== epoch: one SPCL epoch, small CPU configuration, real CIFAR-10 (targets: feature "
           "pass <= 20%, k-means <= 2% of the epoch)")
@@ -284,7 +372,7 @@ def bench_epoch(device, repeat):
 
 SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans,
             "sampler": bench_sampler, "step": bench_step, "augment": bench_augment,
-            "epoch": bench_epoch}
+            "views_disk": bench_views_disk, "epoch": bench_epoch}
 
 
 def main():

@@ -2,8 +2,9 @@
 
 Small datasets (CIFAR-10/100) are decoded once and kept in memory as uint8 [N, H, W, 3]; their
 augmentations run batched on the training device (`BatchAugment`), so no DataLoader worker and no
-per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk and use
-torchvision's PIL transforms in DataLoader workers (`simclr_transform`).
+per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk: PIL
+transforms (`simclr_transform`) in DataLoader workers kept for the whole run make uint8 views,
+normalised on the training device (`Views`).
 """
 import math
 import os
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 
@@ -141,24 +142,58 @@ def load_dataset(name, root, train, download=False, workers=4):
     return torchvision.datasets.ImageFolder(folder, loader=read_image)
 
 
-def simclr_transform(size=224, strength=1.0, blur=True, mean_std=MEAN_STD["imagenet"]):
+class GaussianBlur:
+    """SimCLR's Gaussian blur of a PIL image (Chen et al. 2020, appendix A): sigma uniform in
+    [0.1, 2.0], then PIL's own filter, as moco-v3 does (`moco/loader.py`), several times faster
+    than torchvision's blur of a PIL image, which converts it to a tensor and back.
+
+    sigma is torch.empty(()).uniform_(*sigma) from torch's global generator, so that Transformed's
+    keyed seeding fixes it. PIL runs three box blurs of variance sigma^2 in all (Gwosdek et al.
+    2011, extended box filtering) with no kernel size; SimCLR's kernel, 10% of the image side, spans
+    +-5.5 sigma at 224 px. From sigma 1 the result is within 1.5 grey levels on average of a
+    sampled Gaussian, a few levels below that (test_spcl.py measures both).
+    """
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image):
+        sigma = float(torch.empty(()).uniform_(*self.sigma))
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def _to_tensor(mean_std):
+    """The last steps of a PIL transform: uint8 [3, S, S], or normalised float with mean_std."""
+    if mean_std is None:
+        return [T.PILToTensor()]
+    return [T.PILToTensor(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)]
+
+
+def simclr_transform(size=224, strength=1.0, blur=True, mean_std=None):
     """SimCLR's augmentation of one PIL image (Chen et al. 2020, appendix A): a random resized crop
-    with flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5, ImageNet only)."""
+    with flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5, ImageNet only).
+    Returns uint8 [3, size, size] (Views normalises on the device), or a normalised float view
+    with mean_std."""
     s = strength
     steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
              T.RandomGrayscale(p=0.2)]
     if blur:
-        steps.append(T.RandomApply([T.GaussianBlur(2 * round(0.05 * size) + 1,
-                                                   sigma=(0.1, 2.0))], p=0.5))
-    return T.Compose(steps + [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                              T.Normalize(*mean_std)])
+        steps.append(T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5))
+    return T.Compose(steps + _to_tensor(mean_std))
 
 
-def eval_transform(size=224, mean_std=MEAN_STD["imagenet"]):
-    """Resize to size/0.875 and centre-crop: the standard evaluation view of ImageNet."""
-    return T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+def eval_transform(size=224, mean_std=None):
+    """Resize to size/0.875 and centre-crop: the standard evaluation view of ImageNet; uint8, or
+    normalised float with mean_std."""
+    return T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size)]
+                     + _to_tensor(mean_std))
+
+
+def normalise(x, mean_std):
+    """uint8 images [B, 3, H, W] on any device -> float, (x / 255 - mean) / std."""
+    mean, std = (to_device(torch.tensor(v).view(1, 3, 1, 1), x.device) for v in mean_std)
+    return (x.float().div_(255) - mean) / std
 
 
 def to_device(x, device):
@@ -343,49 +378,57 @@ def crop_flip(images, mean_std, generator):
     return (x - to_device(augment.mean, x.device)) / to_device(augment.std, x.device)
 
 
-def crop_flip_transform(size, mean_std):
-    """crop_flip for one PIL image."""
-    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(),
-                      T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
+def crop_flip_transform(size, mean_std=None):
+    """crop_flip for one PIL image: uint8 [3, size, size], or normalised float with mean_std."""
+    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
+                     + _to_tensor(mean_std))
 
 
 VIEWS = ("eval", "simclr", "crop_flip")
 
 
 class Transformed(torch.utils.data.Dataset):
-    """Items (view, target, index) of an on-disk dataset of (PIL image, target) pairs; view is
-    transform(image), or a tuple of `copies` independent transforms of it.
+    """Items (view, target, index) of an on-disk dataset of (PIL image, target) pairs.
 
-    An item asked for as (index, key) draws its randomness from seeded_generator(*key, index),
-    so a view depends on the run's seed, the epoch and the image only: not on the DataLoader
-    worker that makes it, the number of workers, or where a resumed run restarted. The dataset
-    itself is never modified (its own transform stays None), so one ImageFolder serves every view.
+    transforms: a transform of one PIL image, or a dict of named ones. An item is asked for as an
+    index (a single transform, torch's global generator), or as (index, key, name, copies):
+    `copies` independent draws of transforms[name] (a tuple when copies > 1) whose randomness
+    comes from seeded_generator(*key, index), so that a view depends on the run's seed, the epoch
+    and the image only: not on the DataLoader worker that makes it, the number of workers, or where
+    a resumed run restarted. The dataset itself is never modified (its own transform stays None),
+    so one ImageFolder serves every view.
     """
 
-    def __init__(self, dataset, transform, copies=1):
-        self.dataset, self.transform, self.copies = dataset, transform, copies
+    def __init__(self, dataset, transforms):
+        self.dataset = dataset
+        self.transforms = transforms if isinstance(transforms, dict) else {None: transforms}
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        i, key = item if isinstance(item, tuple) else (item, None)
+        i, key, name, copies = item if isinstance(item, tuple) else (item, None, None, 1)
         image, target = self.dataset[i]
+        transform = self.transforms[name]
         with torch.random.fork_rng(devices=[], enabled=key is not None):
             if key is not None:    # torchvision's transforms draw from torch's global generator
                 torch.manual_seed(int(seeded_generator(*key, i).initial_seed()))
-            views = tuple(self.transform(image) for _ in range(self.copies))
-        return (views if self.copies > 1 else views[0]), target, i
+            views = tuple(transform(image) for _ in range(copies))
+        return (views if copies > 1 else views[0]), target, i
 
 
 class _Keyed:
-    """Batches of indices -> batches of (index, key) items, for Transformed."""
+    """The batch sampler of Views' DataLoader: index batches -> batches of (index, key, view,
+    copies) items for Transformed. Views points it at the next pass's batches before each pass, so
+    that one DataLoader and its workers serve a whole run while the sampling stays in the main
+    process: each item carries what makes its view."""
 
-    def __init__(self, batch_indices, key):
-        self.batch_indices, self.key = batch_indices, key
+    def __init__(self):
+        self.batch_indices, self.item = (), (None, None, 1)
 
     def __iter__(self):
-        return ([(int(i), self.key) for i in batch] for batch in self.batch_indices)
+        key, view, copies = self.item           # fixed for this pass, whatever Views sets next
+        return ([(int(i), key, view, copies) for i in batch] for batch in self.batch_indices)
 
 
 class _Sized:
@@ -417,6 +460,12 @@ class Views:
     index batches (e.g. a batch sampler). key: integers naming the random stream, e.g. (seed,
     TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from; on disk the views are a
     function of (key, image) (a generator's next draw stands for the key). x is on `device`.
+
+    On disk, the workers return uint8 views (a quarter of float32's bytes to collate, pin and
+    copy), normalised on `device` after a non-blocking copy. One DataLoader serves every pass of a
+    Views, its workers started once (persistent_workers): a run does not pay their start and the
+    dataset's copy into them every epoch. A pass begun while another is still being read (two
+    loops interleaved, or one left unfinished and not yet closed) gets a DataLoader of its own.
     """
 
     def __init__(self, dataset, image_size, mean_std, jitter=0.5, workers=0, device="cpu"):
@@ -424,6 +473,7 @@ class Views:
         self.jitter, self.workers, self.device = jitter, workers, torch.device(device)
         self.in_memory = isinstance(dataset, InMemoryImages)
         self.augment = BatchAugment(image_size, mean_std, jitter) if self.in_memory else None
+        self._loader, self._busy = None, False      # on disk: the run's DataLoader, in a pass
 
     def batches(self, batch_indices, view, key=None, copies=1, start=0):
         """start: the position in its epoch of the first of batch_indices. A run resumed at batch
@@ -453,19 +503,32 @@ class Views:
                 x = [make(images, g) for _ in range(copies)]                # B x 3 x S x S
             yield (tuple(x) if copies > 1 else x[0]), self.dataset.targets[idx], idx
 
+    def _new_loader(self, persistent):
+        size = self.image_size
+        transforms = {"eval": eval_transform(size), "simclr": simclr_transform(size, self.jitter),
+                      "crop_flip": crop_flip_transform(size)}         # uint8 views
+        return torch.utils.data.DataLoader(
+            Transformed(self.dataset, transforms), batch_sampler=_Keyed(),
+            num_workers=self.workers, persistent_workers=persistent and self.workers > 0,
+            pin_memory=self.device.type == "cuda")
+
     def _on_disk(self, batch_indices, view, key, copies, start):
         if isinstance(key, torch.Generator):
             key = (int(torch.randint(2**62, (1,), generator=key)),)
-        size, mean_std = self.image_size, self.mean_std
-        transform = {"eval": lambda: eval_transform(size, mean_std),
-                     "simclr": lambda: simclr_transform(size, self.jitter, mean_std=mean_std),
-                     "crop_flip": lambda: crop_flip_transform(size, mean_std)}[view]()
-        loader = torch.utils.data.DataLoader(
-            Transformed(self.dataset, transform, copies), batch_sampler=_Keyed(batch_indices, key),
-            num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        to = lambda x: x.to(self.device, non_blocking=True)
-        for x, targets, indices in loader:
-            yield (tuple(map(to, x)) if copies > 1 else to(x)), targets, indices
+        shared = not self._busy
+        if shared and self._loader is None:
+            self._loader = self._new_loader(persistent=True)
+        loader = self._loader if shared else self._new_loader(persistent=False)
+        loader.batch_sampler.batch_indices = batch_indices
+        loader.batch_sampler.item = (key, view, copies)
+        self._busy = True
+        try:
+            for x, targets, indices in loader:                       # x: uint8 B x 3 x S x S
+                x = [normalise(v.to(self.device, non_blocking=True), self.mean_std)
+                     for v in (x if copies > 1 else [x])]
+                yield (tuple(x) if copies > 1 else x[0]), targets, indices
+        finally:
+            self._busy = self._busy and not shared
 
 
 def shard(n, rank, world, batch_size):

@@ -123,9 +123,12 @@ def get_args(argv=None):
                    help="a fixed random subset of N training images")
     p.add_argument("--test-subset", type=int, default=0,
                    help="a fixed random subset of N test images")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, help=runtime.WORKERS_HELP)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = runtime.default_workers()
+    return args
 
 
 def fail(message, master=True):

@@ -1,6 +1,6 @@
 """What both scripts (train.py, linear_eval.py) need from the process they run in: the
-distributed set-up, the device's AMP dtype, one-line failures, checkpoint files read and written
-safely, and the learning-rate schedule.
+distributed set-up and the DataLoader workers per rank, the device's AMP dtype, one-line
+failures, checkpoint files read and written safely, and the learning-rate schedule.
 
     rank, world, device = setup_distributed(timeout_minutes=60)  # torchrun, or one process
     amp_dtype = autocast_dtype(device)                            # bf16 / fp16 on CUDA, None on CPU
@@ -49,6 +49,24 @@ def setup_distributed(timeout_minutes=60):
         device = torch.device("cpu")
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world, device
+
+
+WORKERS_HELP = ("DataLoader worker processes per rank for on-disk datasets (default: min(8, usable "
+                "cores / ranks on this node)); in-memory CIFAR needs none: it decodes an "
+                "ImageFolder tree once with this many threads")
+
+
+def default_workers(cores=None, local_world_size=None, cap=8):
+    """DataLoader workers per rank when --workers is not given: this node's usable cores shared
+    among its ranks, at least 1, at most `cap` (each worker holds its own copy of the dataset's
+    file list). cores: os.sched_getaffinity's count; local_world_size: torchrun's
+    LOCAL_WORLD_SIZE (1 without torchrun)."""
+    if cores is None:
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(cap, cores // local_world_size))
 
 
 def autocast_dtype(device):

@@ -983,6 +983,114 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     assert folder.transform is None                      # no view is ever written into the dataset
 
 
+class _WorkerPids(torch.utils.data.Dataset):
+    """A dataset's images with the id of the process that read each as its target."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], os.getpid()
+
+
+def test_views_on_disk_keep_their_workers_and_views_across_passes(tmp_path):
+    folder = _png_folder(tmp_path, n=10)
+    views = data.Views(_WorkerPids(folder), 16, data.MEAN_STD["imagenet"], workers=2)
+    batches = [[4, 0, 9], [2, 7], [1, 3], [8]]
+    passes = [list(views.batches(batches, "simclr", key=(7, 0, epoch), copies=2))
+              for epoch in range(2)]
+    for epoch, one_pass in enumerate(passes):
+        fresh = data.Views(folder, 16, data.MEAN_STD["imagenet"], workers=0)
+        for ((a, b), pids, idx), ((fa, fb), _, fidx) in zip(
+                one_pass, fresh.batches(batches, "simclr", key=(7, 0, epoch), copies=2)):
+            assert torch.equal(idx, fidx) and torch.equal(a, fa) and torch.equal(b, fb)
+    pids = [{int(p) for _, batch_pids, _ in one_pass for p in batch_pids} for one_pass in passes]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] and os.getpid() not in pids[0]
+    assert not torch.equal(passes[0][0][0][0], passes[1][0][0][0])    # another epoch's key
+    # A pass left after one batch (train.similarity_probe's) leaves the next pass whole.
+    next(iter(views.batches(batches, "simclr", key=(7, 0, 1), copies=2)))
+    again = list(views.batches(batches, "simclr", key=(7, 0, 0), copies=2))
+    assert all(torch.equal(a[0][0], b[0][0]) and torch.equal(a[2], b[2])
+               for a, b in zip(again, passes[0], strict=True))
+    assert {int(p) for _, batch_pids, _ in again for p in batch_pids} == pids[0]
+    # Two passes read in turns: the second gets a loader of its own, and both stay right (one
+    # copy is the first of two: the same draws).
+    for (x, _, idx), (e, _, _), ((want, _), _, _), (fresh_e, _, _) in zip(
+            views.batches(batches, "simclr", key=(7, 0, 0)), views.batches(batches, "eval"),
+            passes[0], fresh.batches(batches, "eval"), strict=True):
+        assert torch.equal(x, want) and torch.equal(e, fresh_e)
+
+
+@pytest.mark.parametrize("view,transform", [
+    ("eval", lambda mean_std: data.eval_transform(16, mean_std)),
+    ("simclr", lambda mean_std: data.simclr_transform(16, 1.0, mean_std=mean_std)),
+    ("crop_flip", lambda mean_std: data.crop_flip_transform(16, mean_std))])
+def test_views_on_disk_are_made_in_uint8_and_equal_the_float_transforms(tmp_path, view, transform):
+    folder = _png_folder(tmp_path, n=6, size=20)
+    mean_std = data.MEAN_STD["imagenet"]
+    x, _, idx = next(iter(data.Views(folder, 16, mean_std, jitter=1.0).batches(
+        [[3, 0, 5]], view, key=(2, 9))))
+    key = None if view == "eval" else (2, 9)
+    in_worker = data.Transformed(folder, transform(None))[(3, key, None, 1)][0]
+    assert in_worker.dtype == torch.uint8 and in_worker.shape == (3, 16, 16)
+    # The float path, normalised in the worker as before: the PIL transforms end in uint8 either
+    # way, so within a level of 255 (in fact float error).
+    reference = data.Transformed(folder, transform(mean_std))
+    expected = torch.stack([reference[(i, key, None, 1)][0] for i in idx.tolist()])
+    assert x.dtype == expected.dtype == torch.float32 and x.shape == expected.shape
+    assert (x - expected).abs().max() <= 1 / 255 / max(mean_std[1])
+    assert torch.allclose(data.normalise(in_worker[None], mean_std)[0], expected[0], atol=1e-6)
+
+
+def _gaussian_blur_numpy(image, sigma):
+    """A separable Gaussian of a [H, W, C] array, the kernel sampled to +-4 sigma, edges
+    repeated."""
+    r = int(math.ceil(4 * sigma)) + 1
+    kernel = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    x = np.pad(image.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="edge")
+    x = np.apply_along_axis(np.convolve, 0, x, kernel, "valid")
+    return np.apply_along_axis(np.convolve, 1, x, kernel, "valid")
+
+
+def test_pil_gaussian_blur_is_a_gaussian_of_the_drawn_sigma_and_follows_the_key():
+    blur = data.GaussianBlur((0.1, 2.0))
+    line = np.zeros((9, 41, 3), np.uint8)
+    line[:, 20] = 255                                             # a vertical line impulse
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    sigmas = []
+    for seed in range(20):                                     # sigma 0.11 to 1.94
+        torch.manual_seed(seed)
+        sigma = float(torch.empty(()).uniform_(0.1, 2.0))        # the draw the docstring names
+        sigmas.append(sigma)
+        torch.manual_seed(seed)
+        profile = np.asarray(blur(Image.fromarray(line))).astype(np.float64)[4, :, 0]
+        torch.manual_seed(seed)
+        blurred = np.asarray(blur(Image.fromarray(noise))).astype(np.float64)
+        # The impulse response's spread is sigma (PIL's three box blurs keep the variance; below
+        # 0.2 its tails round to 0 in uint8).
+        spread = math.sqrt((profile * (np.arange(41) - 20) ** 2).sum() / profile.sum())
+        assert abs(spread - sigma) < 0.05 * sigma + 0.03 or sigma < 0.2, (sigma, spread)
+        if sigma >= 0.5:   # below, a sampled Gaussian is no reference: its weight is all central
+            error = [np.abs(blurred - _gaussian_blur_numpy(noise, f * sigma))[8:-8, 8:-8].mean()
+                     for f in (1, 0.8, 1.25)]
+            # The drawn sigma fits far better than 20% off; from sigma 1 within 1.5 levels on
+            # average (three box blurs are close to a Gaussian, closer the wider they are).
+            assert error[0] < 0.6 * min(error[1:]) and (error[0] < 1.5 or sigma < 1), error
+    assert min(sigmas) < 0.2 and max(sigmas) > 1.9
+    # Through Transformed: a function of (key, image), whatever torch's global state.
+    image = Image.fromarray(noise)
+    keyed = data.Transformed([(image, 0)], data.GaussianBlur())
+    torch.manual_seed(0)
+    a = keyed[(0, (1, 2), None, 1)][0]
+    torch.manual_seed(1)
+    assert np.array_equal(a, keyed[(0, (1, 2), None, 1)][0])
+    assert not np.array_equal(a, keyed[(0, (1, 3), None, 1)][0])
+
+
 def test_pair_batches_are_the_anchors_then_their_partners():
     labels = np.arange(40) % 6
     sampler = PrototypePairSampler(labels, 8, num_replicas=2, rank=1)
@@ -1184,6 +1292,22 @@ def test_scripts_import_library_modules_only():
         with open(os.path.join(HERE, path)) as f:
             imported = set(re.findall(r"^\s*(?:from|import) (\w+)", f.read(), flags=re.MULTILINE))
         assert not imported & scripts, f"{path} imports {sorted(imported & scripts)}"
+
+
+@pytest.mark.parametrize("cores,local_world,want", [
+    (2, 1, 2), (16, 1, 8), (96, 8, 8), (32, 8, 4), (4, 8, 1), (1, 1, 1), (7, 2, 3)])
+def test_default_workers_share_the_cores_among_the_ranks_of_a_node(cores, local_world, want):
+    assert runtime.default_workers(cores, local_world) == want
+
+
+def test_workers_flag_defaults_from_affinity_and_local_world_size(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for get_args in (train.get_args,
+                     lambda argv: linear_eval.get_args(["--checkpoint", "c"] + argv)):
+        assert get_args([]).workers == 24 // 4 and get_args(["--workers", "0"]).workers == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.get_args([]).workers == 8
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):

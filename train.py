@@ -130,7 +130,7 @@ def get_args(argv=None):
                    help="resume although --epochs, --lr, --batch-size, --warmup-epochs or "
                         "--train-subset differ from the checkpoint's (the lr schedule is "
                         "re-planned)")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, help=runtime.WORKERS_HELP)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
@@ -138,6 +138,8 @@ def get_args(argv=None):
             setattr(args, key, value)
     if args.contrast is None:
         args.contrast = "per-side" if args.w_metric or args.w_proto else "joint"
+    if args.workers is None:
+        args.workers = runtime.default_workers()
     return args
 
 

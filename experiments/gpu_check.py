@@ -15,10 +15,11 @@ Sections:
     cluster   the clustering step at ImageNet-1k size (N = 1,281,167 float16 features, F = 2048,
               K = 1000): PCA-whitening and k-means with the machine's threads (faiss on the GPU
               when faiss sees one), seconds and host peak memory.
-    decode    on-disk SimCLR views of ImageNet-sized JPEGs (written here, 200-500 px) made by
+    decode    on-disk SimCLR views of ImageNet-sized JPEGs (written here, 256-400 px) made by
               data.Views's DataLoader workers, views/s with all cores, against torchvision's PIL
               recipe in the same workers.
-It imports train.py (as the tests do) to check its step, not a copy of it.
+It imports train.py and bench.py (as the tests do), to check train.py's own step and to share
+bench.py's images and torchvision baseline, not copies of them.
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import bench  # noqa: E402
 import cluster  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
@@ -217,40 +219,40 @@ def clustering(args, device):
          host_peak_gb_before_clustering=round(before, 2), empty_clusters=stats[0]["empty_clusters"])
 
 
-def jpeg_folder(root, n):
-    """n JPEGs of ImageNet-like sizes (200-500 px a side), smooth random content, in 10 classes."""
-    from PIL import Image
-    g = np.random.default_rng(0)
-    for i in range(n):
-        h, w = g.integers(200, 500, 2)
-        small = g.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((int(w), int(h)), Image.BILINEAR)
-        folder = os.path.join(root, "train", f"class{i % 10}")
-        os.makedirs(folder, exist_ok=True)
-        image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
+class _Recipe(torch.utils.data.Dataset):
+    """Two views of each image by torchvision's PIL recipe (bench.torchvision_simclr)."""
+
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        image = self.folder[i][0]
+        return self.transform(image), self.transform(image)
 
 
 def decode(args, device):
     """views/s of the on-disk pipeline with all cores against torchvision's PIL recipe."""
     root = tempfile.mkdtemp()
-    jpeg_folder(root, args.jpegs)
-    dataset = data.load_dataset("folder", root, train=True)
+    folder, _ = bench.jpeg_folder(root, args.jpegs)           # 256-400 px JPEGs with grain
     workers = len(os.sched_getaffinity(0))
-    views = data.Views(dataset, 224, data.MEAN_STD["imagenet"], jitter=1.0, workers=workers,
-                       device=device)
-    batches = [list(range(i, min(i + 128, len(dataset)))) for i in range(0, len(dataset), 128)]
+    mean_std = data.MEAN_STD["imagenet"]
+    views = data.Views(folder, 224, mean_std, jitter=1.0, workers=workers, device=device)
+    batches = torch.arange(len(folder)).split(128)
+    recipe = _Recipe(folder, bench.torchvision_simclr(224, 1.0, mean_std))
+    loader = torch.utils.data.DataLoader(recipe, batch_size=128, num_workers=workers,
+                                         persistent_workers=True,
+                                         pin_memory=device.type == "cuda")
 
     def ours(epoch):
-        for x, _, _ in views.batches(batches, "simclr", key=(0, 0, epoch, 0), copies=2):
+        for _ in views.batches(batches, "simclr", key=(0, 0, epoch, 0), copies=2):
             pass
         sync(device)
 
-    recipe = data.Transformed(dataset, data.simclr_transform(224, 1.0), copies=2)
-
     def pil(epoch):
-        loader = torch.utils.data.DataLoader(recipe, batch_size=128, num_workers=workers,
-                                             pin_memory=device.type == "cuda")
-        for (x1, x2), _, _ in loader:
+        for x1, x2 in loader:
             x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
         sync(device)
 
@@ -260,8 +262,8 @@ def decode(args, device):
         start = time.perf_counter()
         for epoch in range(1, 3):
             fn(epoch)
-        rates[name] = 2 * 2 * len(dataset) / (time.perf_counter() - start)
-    emit("decode", images=len(dataset), workers=workers,
+        rates[name] = 2 * 2 * len(folder) / (time.perf_counter() - start)
+    emit("decode", images=len(folder), workers=workers,
          views_per_second=round(rates["views"]), pil_views_per_second=round(rates["pil_recipe"]),
          ratio=round(rates["views"] / rates["pil_recipe"], 2))
 
