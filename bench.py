@@ -14,6 +14,11 @@ Sections and their targets:
               CIFAR-10-shaped features (50k x 512, PCA 256, K=512): <= 5 s on 2 CPU cores.
     sampler   one epoch of prototype pairs at ImageNet size (N=1,281,167): <= 1 s.
     step      one SPCL training step against one SimCLR step, same images and model: <= 1.10x.
+    step_input  the steady-state SPCL step with its views made by data.Views (in memory,
+              BatchAugment on the training device) against the same step with the views already
+              there: what making the views adds (train.py's step reads the device only every
+              --log-every steps: test_spcl.py counts the reads, experiments/gpu_check.py the
+              syncs on a GPU).
     augment   SimCLR views per second per core, data.BatchAugment against torchvision's PIL
               transforms on the same decoded images: >= 1.0x.
     views_disk  SimCLR views per second per core from JPEG files of ImageNet-like sizes (256-400
@@ -242,6 +247,43 @@ def bench_step(device, repeat):
           f"ratio {t_spcl / t_simclr:.3f}")
 
 
+def bench_step_input(device, repeat):
+    arch, batch = ("resnet18", 512) if device.type == "cuda" else ("resnet18_narrow", 256)
+    print(f"== step_input: the steady-state SPCL step, {arch}, {batch} images, its views made by "
+          "data.Views (CIFAR-shaped uint8 images in memory, BatchAugment on the training device) "
+          "/ the same step with the views already there")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4 * batch, 32, 32, 3), dtype=torch.uint8, generator=g)
+    dataset = data.InMemoryImages(images, torch.zeros(4 * batch, dtype=torch.int64), ["c"],
+                                  *data.MEAN_STD["cifar10"])
+    views = data.Views(dataset, 32, data.MEAN_STD["cifar10"], device=device)
+    indices = [torch.randperm(4 * batch, generator=g)[:batch] for _ in range(repeat + 2)]
+    batches = iter(views.batches(indices * 2, "simclr", key=(0,), copies=2))
+    fixed = next(batches)[0]
+    same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
+    assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
+    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(
+        device, memory_format=torch.channels_last)
+    step_module = TrainingStep(model, contrast="per-side")
+    optimizer = LARS(model.parameters(), lr=0.1)
+
+    def step(views_now):
+        v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in views_now)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = step_module(v1, v2, same, assignments, True)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    t_there, t_made = interleaved([lambda: step(fixed), lambda: step(next(batches)[0])], device,
+                                  repeat)
+    print(json.dumps({"section": "step_input", "arch": arch, "images": batch,
+                      "ms_views_there": round(t_there * 1e3, 1),
+                      "ms_views_made": round(t_made * 1e3, 1),
+                      "ratio": round(t_made / t_there, 3)}))
+
+
 def bench_augment(device, repeat):
     print("== augment: SimCLR views / s on one core, BatchAugment / torchvision PIL transforms "
           "(target >= 1.0)")
@@ -371,7 +413,8 @@ def bench_epoch(device, repeat):
 
 
 SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans,
-            "sampler": bench_sampler, "step": bench_step, "augment": bench_augment,
+            "sampler": bench_sampler, "step": bench_step, "step_input": bench_step_input,
+            "augment": bench_augment,
             "views_disk": bench_views_disk, "epoch": bench_epoch}
 
 
