@@ -538,7 +538,9 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
         num_classes: C; default 1 + the largest target.
         chunk: rows of test and of train features per block, so memory stays bounded by
             [chunk, chunk] similarities and [chunk, k] running neighbours (1.28M x 2048 is fine).
-        device: where the arithmetic runs; default CUDA when available.
+        device: where the arithmetic runs; default CUDA when available. The train features
+            move there once when they take at most half of its free memory (5.2 GB for ImageNet
+            in fp16), else block by block for every chunk of test images.
     """
     if (train_features.ndim != 2 or test_features.ndim != 2
             or train_features.shape[1] != test_features.shape[1]):
@@ -553,6 +555,10 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
     train_targets = torch.as_tensor(train_targets).to(device)
     test_targets = torch.as_tensor(test_targets).cpu()
     C = num_classes or max(int(train_targets.max()), int(test_targets.max())) + 1
+    if device.type == "cuda" and train_features.device != device:
+        size = train_features.numel() * train_features.element_size()
+        if size <= torch.cuda.mem_get_info(device)[0] // 2:
+            train_features = train_features.to(device)      # in its own dtype: the same blocks
     correct = 0
     for start in range(0, len(test_features), chunk):
         query = F.normalize(test_features[start:start + chunk].to(device, torch.float32),  # c x F
