@@ -1284,6 +1284,28 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeyp
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script, argv", [(train, []), (linear_eval, ["--checkpoint", "c.pth"])])
+def test_timeout_reaches_the_process_group_and_must_be_positive(script, argv, monkeypatch):
+    seen = []
+
+    def setup_distributed(timeout_minutes=60):
+        seen.append(timeout_minutes)
+        raise _Stop
+
+    monkeypatch.setattr(runtime, "setup_distributed", setup_distributed)
+    for timeout, expected in [([], 60), (["--timeout", "7.5"], 7.5)]:
+        with pytest.raises(_Stop):
+            script.main(argv + timeout)
+        assert seen[-1] == expected
+    with pytest.raises(SystemExit, match="--timeout must be > 0 minutes, got 0.0"):
+        script.main(argv + ["--timeout", "0"])
+    assert len(seen) == 2
+
+
 def _torchrun(args, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
             "train.py", *args]

@@ -126,6 +126,9 @@ def get_args(argv=None):
                         "re-planned)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60,
+                   help="minutes a rank may wait for the others in a collective before the job "
+                        "stops; must cover rank 0's k-means, which the others wait for")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -567,7 +570,8 @@ def restore(args, run, ckpt, config, master):
         torch.set_rng_state(ckpt["rng"]["cpu"])
         changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
                    if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
-                   and k not in ("out", "workers", "stop_after", "allow_schedule_change")]
+                   and k not in ("out", "workers", "stop_after", "allow_schedule_change",
+                                 "timeout")]
         print(f"resumed from {progress['checkpoint']} after epoch {start_epoch} of {args.epochs}"
               + (f"; changed since: {', '.join(changed)}" if changed else ""))
         rescheduled = schedule_changes(ckpt["config"], config)
@@ -601,7 +605,10 @@ def save(args, run, epoch, assignments, stats, config):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = runtime.setup_distributed()
+    if not args.timeout > 0:          # before the process group, which would not start with it
+        fail(f"--timeout must be > 0 minutes, got {args.timeout}",
+             os.environ.get("RANK", "0") == "0")
+    rank, world, device = runtime.setup_distributed(timeout_minutes=args.timeout)
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     problem = check_args(args, world)
