@@ -26,6 +26,15 @@ Sections and their targets:
               (its GaussianBlur, float views made per image), the same files: >= 1.5x.
     epoch     one epoch of the small CPU configuration on real CIFAR-10 (needs
               ../shared/data/cifar10): the feature pass <= 20% of the epoch, k-means <= 2%.
+    cluster_scale
+              rank 0's clustering step at ImageNet-1k size (N = 1,281,167 float16 features,
+              F = 2048, K = 1000, PCA 256, 20 iterations), each path in a fresh process:
+              before, the bank gathered whole on rank 0 into the old run_kmeans_multi (a
+              float32 copy, faiss.PCAMatrix, faiss on one thread as under torchrun); after,
+              rank 0 of 8 torchrun ranks in cluster.distributed_kmeans. Peak resident memory
+              above an idle interpreter with the same imports: after <= 3 GB. One JSON line.
+              When the old path would take more than half of the free memory, it runs on a
+              fraction of N and is scaled linearly (all of its memory and work grow with N).
 """
 import argparse
 import ctypes
@@ -37,14 +46,17 @@ import subprocess
 import sys
 import time
 
+import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2 as T
 
 import data
-from cluster import run_kmeans
+import runtime
+from cluster import distributed_kmeans, run_kmeans
 from lars import LARS
 from losses import nt_xent
 from models import SPCLModel, TrainingStep
@@ -412,10 +424,150 @@ def bench_epoch(device, repeat):
           f"{100 * kmeans / epoch:.2f}%")
 
 
+IMAGENET_TRAIN = 1_281_167     # images in ImageNet-1k's training set
+
+
+def synthetic_bank(start, stop, dim=2048, classes=1000, seed=0, block=16384):
+    """Rows start..stop-1 of a fixed float16 bank shaped like ResNet-50 features of ImageNet: the
+    ReLU of one of `classes` random centres plus as much Gaussian noise, so that k-means has
+    clusters to find. Blocks of rows have seeds of their own: a shard equals those rows of the
+    whole bank."""
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(stop - start, dim, dtype=torch.float16)
+    for first in range(start - start % block, stop, block):
+        g = torch.Generator().manual_seed(seed + 1 + first // block)
+        rows = centres[torch.randint(classes, (block,), generator=g)]
+        rows += torch.randn(block, dim, generator=g)
+        lo, hi = max(first, start), min(first + block, stop)
+        out[lo - start:hi - start] = rows[lo - first:hi - first].relu_()
+    return out
+
+
+def kmeans_before(features, k, niter, pca_dim=256, seed=0):
+    """Rank 0's clustering before the features were sharded (cluster.run_kmeans_multi at commit
+    348372f), step for step: the whole bank [N, F], a float32 copy checked for NaN, faiss's
+    PCAMatrix, its output L2-normalised, faiss k-means. The baseline of cluster_scale. Returns
+    the assignments and the seconds of the pre-processing and of the k-means."""
+    start = time.perf_counter()
+    x = np.ascontiguousarray(features.float().numpy())
+    if not np.isfinite(x).all():
+        raise ValueError("features contain NaN or infinite values")
+    pca = faiss.PCAMatrix(x.shape[1], pca_dim, -0.5)
+    pca.train(x)
+    pca.epsilon = 1e-4 * float(faiss.vector_to_array(pca.eigenvalues).max())
+    pca.prepare_Ab()
+    x = pca.apply(x)
+    faiss.normalize_L2(x)
+    middle = time.perf_counter()
+    kmeans = faiss.Kmeans(pca_dim, k, niter=niter, seed=seed,
+                          max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1)
+    kmeans.train(x)
+    assignments = kmeans.index.search(x, 1)[1][:, 0]
+    return assignments, middle - start, time.perf_counter() - middle
+
+
+def _reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:   # VmHWM := VmRSS: the bank is made, count on
+        f.write("5")
+
+
+def cluster_child(path, n, niter):
+    """One path of cluster_scale in this fresh process; prints a JSON line of its peak resident
+    bytes (VmHWM: the bank it holds, whatever the step allocates) and seconds. 'idle' is the
+    interpreter with bench.py's imports alone; 'after' runs as one torchrun rank."""
+    _track_cpu_memory()
+    if path == "idle":
+        print(json.dumps({"peak": _proc_status("VmHWM:")}))
+        return
+    if path == "before":
+        features = synthetic_bank(0, n)
+        _reset_peak()
+        _, preprocess, kmeans = kmeans_before(features, 1000, niter)
+        peak = _proc_status("VmHWM:")
+        # The part that does not grow with N: the eigendecomposition of the 2048 x 2048
+        # covariance (with the covariance of 4,096 rows, which is small beside it).
+        start = time.perf_counter()
+        faiss.PCAMatrix(2048, 256, -0.5).train(features[:4096].float().numpy())
+        print(json.dumps({"peak": peak, "preprocess_seconds": preprocess,
+                          "kmeans_seconds": kmeans, "fixed_seconds": time.perf_counter() - start,
+                          "threads": faiss.omp_get_max_threads()}))
+        return
+    rank, world, device = runtime.setup_distributed()
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    features = synthetic_bank(lo, hi)                                   # this rank's shard
+    dist.barrier()
+    _reset_peak()
+    start = time.perf_counter()
+    stats = distributed_kmeans(features, [1000], n, indices=torch.arange(lo, hi), niter=niter,
+                               pca_dim=256, device=device)[1][0]
+    if rank == 0:
+        print(json.dumps({"peak": _proc_status("VmHWM:"), "seconds": time.perf_counter() - start,
+                          "preprocess_seconds": stats["preprocess_seconds"],
+                          "kmeans_seconds": stats["seconds"], "threads": stats["threads"],
+                          "empty_clusters": stats["empty_clusters"]}))
+    dist.destroy_process_group()
+
+
+def _memory_available():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def bench_cluster_scale(device, repeat, n=IMAGENET_TRAIN, niter=20, world=8):
+    print(f"== cluster_scale: rank 0's clustering at ImageNet-1k size, N = {n}, F = 2048, "
+          f"K = 1000, before / after (target: after <= 3 GB)")
+    here = os.path.abspath(__file__)
+
+    def child(path, rows, launcher=(), env=None):
+        done = subprocess.run([sys.executable, *launcher, here, "--child", path, "--cluster-n",
+                               str(rows), "--cluster-iters", str(niter)], capture_output=True,
+                              text=True, env={**os.environ, **(env or {})})
+        if done.returncode:
+            raise RuntimeError(f"cluster_scale {path} failed: {done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    idle = child("idle", 0)["peak"]
+    after = child("after", n, ("-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", str(world)))
+    # The old path holds per row the fp16 bank, its float32 copy and NaN mask, the PCA output. It
+    # runs on the largest share of N whose estimate takes at most half of the free memory (the
+    # machine may be shared), and is scaled to N.
+    per_row = 2048 * (2 + 4 + 1) + 256 * 4
+    fraction = next((f for f in (1, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
+                     if n * f * per_row + idle < _memory_available() / 2), 1 / 32)
+    measured = round(n * fraction)
+    # torchrun gives every rank of a node of several one OpenMP thread, faiss's included.
+    before = child("before", measured, env={"OMP_NUM_THREADS": "1"})
+    scale = n / measured
+    seconds = before["preprocess_seconds"] + before["kmeans_seconds"]
+    gb = lambda peak: round((peak - idle) / 1e9, 2)
+    result = {
+        "section": "cluster_scale", "n": n, "f": 2048, "k": 1000, "pca_dim": 256,
+        "niter": niter, "idle_interpreter_gb": round(idle / 1e9, 2),
+        "before": {"n": measured, "peak_gb": gb(before["peak"]), "seconds": round(seconds, 1),
+                   "preprocess_seconds": round(before["preprocess_seconds"], 1),
+                   "kmeans_seconds": round(before["kmeans_seconds"], 1),
+                   "fixed_seconds": round(before["fixed_seconds"], 1),
+                   "threads": before["threads"]},
+        "before_at_n": {"peak_gb": round(gb(before["peak"]) * scale, 2),
+                        "seconds": round((seconds - before["fixed_seconds"]) * scale
+                                         + before["fixed_seconds"], 1)},
+        "after": {"world": world, "peak_gb": gb(after["peak"]),
+                  "seconds": round(after["seconds"], 1),
+                  "preprocess_seconds": round(after["preprocess_seconds"], 1),
+                  "kmeans_seconds": round(after["kmeans_seconds"], 1),
+                  "threads": after["threads"], "empty_clusters": after["empty_clusters"]},
+    }
+    result["peak_ratio"] = round(result["before_at_n"]["peak_gb"] / result["after"]["peak_gb"], 2)
+    result["seconds_ratio"] = round(result["before_at_n"]["seconds"] / result["after"]["seconds"],
+                                    2)
+    print(json.dumps(result))
+
+
 SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans,
             "sampler": bench_sampler, "step": bench_step, "step_input": bench_step_input,
-            "augment": bench_augment,
-            "views_disk": bench_views_disk, "epoch": bench_epoch}
+            "augment": bench_augment, "views_disk": bench_views_disk, "epoch": bench_epoch,
+            "cluster_scale": bench_cluster_scale}
 
 
 def main():
@@ -425,7 +577,14 @@ def main():
                         help="comma list of sections: " + ", ".join(SECTIONS))
     parser.add_argument("--repeat", type=int, default=10,
                         help="timed runs per measurement (median)")
+    parser.add_argument("--cluster-n", type=int, default=IMAGENET_TRAIN,
+                        help="cluster_scale: rows of the feature bank")
+    parser.add_argument("--cluster-iters", type=int, default=20,
+                        help="cluster_scale: k-means iterations")
+    parser.add_argument("--child", choices=("idle", "before", "after"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return cluster_child(args.child, args.cluster_n, args.cluster_iters)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not _track_cpu_memory():
         parser.error("measuring CPU memory needs Linux with glibc (/proc/self/clear_refs, mallopt)")
@@ -435,7 +594,9 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.only.split(","):
-        SECTIONS[name](device, args.repeat)
+        extra = ({"n": args.cluster_n, "niter": args.cluster_iters} if name == "cluster_scale"
+                 else {})
+        SECTIONS[name](device, args.repeat, **extra)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,26 @@
 """Prototypes (paper Sec. 3.2): k-means on encoder features at the start of every epoch; and the
 kNN monitor, which reads the same features.
 
-    features, targets = extract_features(encoder, loader, N, device)  # rank 0; None elsewhere
-    assignments, stats = distributed_kmeans(features, [K], N, seed=seed + epoch,
-                                            device=device)  # [N, 1]
+    shard = split_shard(encoder, views, N, rank, world, device)       # this rank's rows
+    assignments, stats = distributed_kmeans(shard.features, [K], N, indices=shard.indices,
+                                            seed=seed + epoch, device=device)  # [N, 1], all ranks
+    features, targets = gather_features(shard, N, device)             # [N, F] on rank 0
     top1 = knn_top1(features, targets, test_features, test_targets)   # rank 0
 
-The features are gathered onto rank 0 only, batch by batch, into one [N, F] buffer (fp16 by
-default: 5.2 GB for ImageNet with a ResNet-50), which is the only full copy on any process.
-Rank 0 clusters them as DeepCluster and the official code do (PCA-whitening to 256 dims, L2
-normalisation, 20 Lloyd iterations of faiss k-means from random centroids) and broadcasts
-the assignments. `nmi` measures the partition against the labels or the previous epoch.
+Every rank keeps the features of its own share of the images (`Shard`, fp16: 0.66 GB a rank for
+ImageNet with a ResNet-50 on 8 ranks). The clustering is DeepCluster's and the official code's
+(PCA-whitening to 256 dims, L2 normalisation, 20 Lloyd iterations of faiss k-means from random
+centroids) without [N, F] on any process: the ranks all-reduce the mean and the covariance,
+rank 0's whitening is broadcast, each rank projects its own rows, and only the [N, 256] float16
+rows travel to rank 0 (0.66 GB), which runs k-means on every core of the node (or its GPU) and
+broadcasts the assignments. Only the kNN monitor gathers [N, F] onto rank 0. `nmi` measures
+the partition against the labels or the previous epoch.
 """
 
 import math
+import os
 import time
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -31,96 +37,165 @@ def _dist_info():
     return 0, 1
 
 
+def _chunk_rows(row_bytes, budget=1 << 27):
+    """Rows per chunk of work, so that a chunk's temporaries stay near budget bytes (128 MiB)."""
+    return max(1, budget // max(1, row_bytes))
+
+
+class Shard(NamedTuple):
+    """One rank's rows of a feature bank: features [n, F] (CPU), their dataset indices [n] and
+    targets [n] (int64). Over the ranks, every index in [0, N) lies in exactly one shard."""
+    features: torch.Tensor
+    indices: torch.Tensor
+    targets: torch.Tensor
+
+
 @torch.no_grad()
-def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
-                     amp_dtype=None):
-    """Encoder features of every image, in dataset-index order, collected on rank 0.
+def shard_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
+                   amp_dtype=None):
+    """Collective: encoder features of the images this rank draws; each image kept by one rank.
 
     Args:
         encoder: images [B, 3, H, W] -> features [B, F]. Used as given: put it in eval mode
             first if BatchNorm statistics must not move.
-        loader: yields (images, targets, indices), indices being dataset indices. Any order,
-            any sampler, e.g. a shuffled DistributedSampler: its padding duplicates are
-            written twice to the same row with the same values.
-        num_samples: N, the dataset size.
-        device: where the encoder runs, and where the collectives run (NCCL needs CUDA).
-        storage_dtype: dtype of the returned features; fp16 halves rank 0's memory.
+        loader: yields (images, targets, indices), indices being dataset indices: this rank's
+            share in any order and any number of batches, e.g. a DistributedSampler's. An index
+            drawn more than once (its padding) is kept once, by the lowest rank that drew it.
+        num_samples: N, the dataset size; every index in [0, N) must be drawn by some rank.
+        device: where the encoder runs, and where the collective runs (NCCL needs CUDA).
+        storage_dtype: dtype of the kept features; fp16 halves the memory.
         amp_dtype: run the encoder under torch.autocast in this dtype (the training one), or
             in full precision when None.
 
-    Returns:
-        On rank 0, (features [N, F] CPU storage_dtype, targets [N] CPU int64);
-        (None, None) on the other ranks.
+    Returns a Shard (features [n, F] CPU storage_dtype), rows in the order drawn. An index
+    outside [0, N), or one that no rank drew, raises on every rank.
     """
     device = torch.device(device)
-    rank, world_size = _dist_info()
-    if world_size > 1:
-        # max and -min in one reduction: a rank with fewer batches would hang the others.
-        num_batches = torch.tensor([len(loader), -len(loader)], device=device)
-        dist.all_reduce(num_batches, op=dist.ReduceOp.MAX)
-        if num_batches[0] != -num_batches[1]:
-            raise ValueError("every rank must draw the same number of batches "
-                             "(use a DistributedSampler)")
-
-    features = targets = seen = None
+    parts = []
     for images, batch_targets, indices in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             batch_features = encoder(images.to(device, non_blocking=True))  # [B, F]
-        batch_features = batch_features.to(storage_dtype)
-        indices = torch.as_tensor(indices)
-        bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
-        if bad and world_size == 1:
-            raise _index_error(indices, num_samples)
-        # Indices and targets travel together as [B, 2] int64, padded rows marked index -1.
-        meta = torch.stack([indices, torch.as_tensor(batch_targets)], dim=1).to(device, torch.int64)
+        parts.append((batch_features.to(storage_dtype).cpu(),
+                      torch.as_tensor(indices, dtype=torch.int64),
+                      torch.as_tensor(batch_targets, dtype=torch.int64)))
+    if parts:
+        features, indices, targets = (torch.cat(column) for column in zip(*parts))
+    else:
+        features = torch.empty(0, 0, dtype=storage_dtype)
+        indices = targets = torch.empty(0, dtype=torch.int64)
+    parts.clear()
+    keep = _owned(indices, num_samples, device)
+    if not keep.all():
+        features, indices, targets = features[keep], indices[keep], targets[keep]
+    return Shard(features, indices, targets)
 
+
+def _owned(indices, num_samples, device):
+    """Collective: the mask [n] of this rank's indices that it keeps: the first of its repeats,
+    unless a lower rank drew the index too. Raises on every rank when an index anywhere lies
+    outside [0, N) or when one was drawn by no rank."""
+    rank, world_size = _dist_info()
+    bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
+    # Each index's lowest rank that drew it (world_size: none did); slot N flags a bad index.
+    owner = torch.full((num_samples + 1,), world_size, dtype=torch.int32)
+    if bad:
+        owner[num_samples] = rank
+    else:
+        owner[indices] = rank
+    if world_size > 1:
+        owner = owner.to(device)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN)
+        owner = owner.cpu()
+    if owner[num_samples] < world_size:
+        raise _index_error(indices if bad else None, num_samples)
+    missing = int((owner[:num_samples] == world_size).sum())
+    if missing:
+        raise RuntimeError(f"{missing} of {num_samples} dataset indices never came out "
+                           "of the loader")
+    order = torch.argsort(indices, stable=True)
+    ordered = indices[order]
+    first = torch.ones(len(indices), dtype=torch.bool)
+    first[order[1:]] = ordered[1:] != ordered[:-1]
+    return first & (owner[indices] == rank)
+
+
+@torch.no_grad()
+def gather_rows(rows, indices, num_samples, device, dtype=None, step_bytes=1 << 26):
+    """Collective: every rank's rows [n, D] put in dataset-index order on rank 0.
+
+    indices [n] are the rows' dataset indices; over the ranks, every index in [0, N) once (a
+    Shard's). The rows travel in steps of about step_bytes over all ranks (64 MiB), so that
+    rank 0 holds the output and one step, never a second [N, D]. Returns [N, D] CPU in dtype
+    (default the rows') on rank 0, None on the other ranks.
+    """
+    rank, world_size = _dist_info()
+    dtype = dtype or rows.dtype
+    if world_size == 1:
+        if dtype == rows.dtype and torch.equal(indices, torch.arange(len(rows))):
+            return rows
+        sizes = torch.tensor([len(rows), rows.shape[1]])
+    else:
+        # A rank may hold no rows at all ([0, 0]): the width comes from the others.
+        sizes = torch.tensor([len(rows), rows.shape[1]], device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    most, width = (int(s) for s in sizes)
+    rows = rows.reshape(-1, width)
+    per_step = _chunk_rows(world_size * width * rows.element_size(), step_bytes)
+    out = torch.empty(num_samples, width, dtype=dtype) if rank == 0 else None
+    for start in range(0, most, per_step):
+        part, part_indices = rows[start:start + per_step], indices[start:start + per_step]
         if world_size > 1:
-            # The last batches may differ in size across ranks, and gather needs equal shapes; the
-            # same reduction tells every rank about bad indices anywhere, so that all of them stop.
-            size_bad = torch.tensor([len(meta), int(bad)], device=device)
-            dist.all_reduce(size_bad, op=dist.ReduceOp.MAX)
-            if size_bad[1]:
-                raise _index_error(indices if bad else None, num_samples)
-            pad = int(size_bad[0]) - len(meta)
-            batch_features = torch.nn.functional.pad(batch_features, (0, 0, 0, pad))
-            meta = torch.nn.functional.pad(meta, (0, 0, 0, pad), value=-1)
-            gathered_features = gathered_meta = None
-            if rank == 0:
-                gathered_features = [torch.empty_like(batch_features) for _ in range(world_size)]
-                gathered_meta = [torch.empty_like(meta) for _ in range(world_size)]
-            dist.gather(batch_features, gathered_features, dst=0)
-            dist.gather(meta, gathered_meta, dst=0)
+            pad = per_step - len(part)  # gather needs equal shapes; padded rows have index -1
+            part = F.pad(part.to(device), (0, 0, 0, pad))
+            part_indices = F.pad(part_indices.to(device), (0, pad), value=-1)
+            parts = [torch.empty_like(part) for _ in range(world_size)] if rank == 0 else None
+            index_parts = ([torch.empty_like(part_indices) for _ in range(world_size)]
+                           if rank == 0 else None)
+            dist.gather(part, parts, dst=0)
+            dist.gather(part_indices, index_parts, dst=0)
             if rank != 0:
                 continue
-            batch_features, meta = torch.cat(gathered_features), torch.cat(gathered_meta)
+        else:
+            parts, index_parts = [part], [part_indices]
+        for part, part_indices in zip(parts, index_parts):
+            part, part_indices = part.cpu(), part_indices.cpu()
+            real = part_indices >= 0
+            out[part_indices[real]] = part[real].to(dtype)
+    return out
 
-        batch_features, meta = batch_features.cpu(), meta.cpu()
-        real = meta[:, 0] >= 0
-        batch_features, indices, batch_targets = batch_features[real], meta[real, 0], meta[real, 1]
-        if features is None:
-            features = torch.empty(num_samples, batch_features.shape[1], dtype=storage_dtype)
-            targets = torch.full((num_samples,), -1, dtype=torch.int64)
-            seen = torch.zeros(num_samples, dtype=torch.bool)
-        features[indices] = batch_features
-        targets[indices] = batch_targets
-        seen[indices] = True
 
-    missing = 0 if rank else num_samples if seen is None else int((~seen).sum())
-    missing = torch.tensor([missing], device=device)
-    if world_size > 1:
-        dist.broadcast(missing, src=0)  # every rank raises, rather than wait for rank 0 later
-    if missing:
-        raise RuntimeError(f"{int(missing)} of {num_samples} dataset indices never came out "
-                           "of the loader")
-    return (features, targets) if rank == 0 else (None, None)
+def gather_features(shard, num_samples, device):
+    """Collective: the ranks' shards as one bank on rank 0, (features [N, F], targets [N]) in
+    dataset-index order; (None, None) on the other ranks."""
+    features = gather_rows(shard.features, shard.indices, num_samples, device)
+    targets = gather_rows(shard.targets[:, None], shard.indices, num_samples, device)
+    return (features, targets[:, 0]) if features is not None else (None, None)
+
+
+def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
+                     amp_dtype=None):
+    """Collective: shard_features, gathered on rank 0 (the arguments are shard_features's).
+
+    Returns, on rank 0, (features [N, F] CPU storage_dtype, targets [N] CPU int64) in
+    dataset-index order; (None, None) on the other ranks.
+    """
+    shard = shard_features(encoder, loader, num_samples, device, storage_dtype, amp_dtype)
+    return gather_features(shard, num_samples, device)
+
+
+def split_shard(encoder, views, n, rank, world, device, amp_dtype=None, view="eval", key=None):
+    """Collective: shard_features over a whole split of n images, this rank's share of
+    data.Views batches (the evaluation view, or a random one with its key). Returns this rank's
+    Shard, float16."""
+    batches = views.batches(data.shard(n, rank, world, 512), view, key)
+    return shard_features(encoder, batches, n, device, amp_dtype=amp_dtype)
 
 
 def split_features(encoder, views, n, rank, world, device, amp_dtype=None, view="eval", key=None):
-    """extract_features over a whole split of n images: this rank's shard of data.Views batches
-    (the evaluation view, or a random one with its key). Returns (features [n, F] float16, targets
+    """Collective: split_shard gathered on rank 0. Returns (features [n, F] float16, targets
     [n]) on rank 0, (None, None) elsewhere."""
-    batches = views.batches(data.shard(n, rank, world, 512), view, key)
-    return extract_features(encoder, batches, n, device, amp_dtype=amp_dtype)
+    shard = split_shard(encoder, views, n, rank, world, device, amp_dtype, view, key)
+    return gather_features(shard, n, device)
 
 
 def _index_error(indices, num_samples):
@@ -131,29 +206,110 @@ def _index_error(indices, num_samples):
     return ValueError(f"dataset indices must lie in [0, {num_samples}), got {got}")
 
 
-def _check_features(features, ks):
-    """float32, C-contiguous numpy copy of features [N, D], after validating them and every k."""
-    if torch.is_tensor(features):
-        features = features.detach().cpu().float().numpy()
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"features must be a non-empty [N, D] matrix, got shape {x.shape}")
-    if not np.isfinite(x).all():
+@torch.no_grad()
+def pca_whitening(features, dim, group=None, device="cpu"):
+    """The PCA-whitening of features [n, F] (DeepCluster's, Sec. 3.2): (mean [F], projection
+    [F, d]) float32 on device, such that (x - mean) @ projection has unit variance along each of
+    the top d = min(dim, F, N - 1) principal directions (N centred points span N - 1 of them).
+
+    Collective over `group` when one is given: every rank passes its own rows, the moments are
+    all-reduced, and rank 0's eigendecomposition is broadcast, so that the ranks project with
+    bit-identical matrices (eigenvectors are defined up to sign: two LAPACK builds on two nodes
+    may pick different ones). No group: these rows alone.
+
+    The moments are float64 and centred in a second pass (sum x, then sum (x - mean)(x - mean)^T):
+    exact zeros for identical rows, no cancellation where the mean dwarfs the spread, as in ReLU
+    features. faiss.PCAMatrix, which this replaces, sums x x^T - N mean mean^T in float32 and
+    skips the division by N, a scale that the whitening and L2 normalisation remove. Whitening
+    divides by sqrt(eigenvalue); directions of (numerically) zero variance, e.g. when N < F or
+    units are dead, would blow round-off up to unit scale, so the eigenvalues are floored at 1e-4
+    of the top one (such a direction keeps 0.1 of its scale at most).
+
+    Raises the same ValueError on every rank when the features hold NaN or infinite values, or
+    are all identical. dim 0: no whitening, (None, None), after the first check alone.
+    """
+    device = torch.device(device)
+    features = torch.as_tensor(features)
+    width = features.shape[1]
+    step = _chunk_rows(width * 8)
+    chunks = lambda: (features[i:i + step].to(device, torch.float64, copy=True)
+                      for i in range(0, len(features), step))
+    moment = torch.zeros(width + 1, dtype=torch.float64, device=device)     # [sum x, n]
+    for x in chunks():
+        moment[:width] += x.sum(0)
+    moment[width] = len(features)
+    if group is not None:
+        dist.all_reduce(moment, group=group)
+    count = int(moment[width])
+    mean = moment[:width] / count
+    if not torch.isfinite(mean).all():
         raise ValueError("features contain NaN or infinite values")
+    if dim == 0:
+        return None, None
+    covariance = torch.zeros(width, width, dtype=torch.float64, device=device)  # F x F
+    for x in chunks():
+        x -= mean
+        covariance.addmm_(x.T, x)
+    if group is not None:
+        dist.all_reduce(covariance, group=group)
+    covariance /= count
+    if covariance.trace() <= 0:
+        raise ValueError("features are all identical: nothing to whiten or cluster")
+    dim = min(dim, width, count - 1)
+    projection = torch.empty(width, dim, dtype=torch.float64, device=device)
+    if group is None or dist.get_rank(group) == 0:
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)            # ascending
+        top = eigenvalues[-dim:].flip(0)
+        # eigh returns column-major eigenvectors, and a broadcast copies memory as it lies.
+        projection = (eigenvectors[:, -dim:].flip(1)
+                      * (top + 1e-4 * top[0]).rsqrt()).contiguous()            # F x d
+    if group is not None:
+        dist.broadcast(projection, group=group, group_src=0)
+    return mean.float(), projection.float()
+
+
+@torch.no_grad()
+def whiten(features, mean, projection, dtype=torch.float32, device="cpu"):
+    """Rows [n, d] of features [n, F] (any float dtype): (x - mean) @ projection, from
+    pca_whitening (skipped when projection is None), then L2-normalised; float32 arithmetic on
+    device, stored as dtype on the CPU."""
+    features = torch.as_tensor(features)
+    width = features.shape[1] if projection is None else projection.shape[1]
+    out = torch.empty(len(features), width, dtype=dtype)
+    step = _chunk_rows(features.shape[1] * 4)
+    for start in range(0, len(features), step):
+        x = features[start:start + step].to(device, torch.float32)
+        if projection is not None:
+            x = (x - mean) @ projection                                         # c x d
+        out[start:start + step] = F.normalize(x, dim=1).to(dtype).cpu()
+    return out
+
+
+def _check_ks(ks, num_samples):
+    """ks as a list of ints, after checking that each k lies in [2, N]."""
+    ks = [ks] if isinstance(ks, int) else [int(k) for k in ks]
+    if not ks:
+        raise ValueError("need at least one k")
     for k in ks:
-        if k < 2 or k > x.shape[0]:
-            raise ValueError(f"need 2 <= k <= N, got k={k} for N={x.shape[0]} features")
-    return x
+        if k < 2 or k > num_samples:
+            raise ValueError(f"need 2 <= k <= N, got k={k} for N={num_samples} features")
+    return ks
+
+
+def node_threads():
+    """The CPU cores this process may run on: all of the node's unless a launcher pinned it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
     """k-means prototypes of features [N, D] (tensor or array, any float dtype).
 
-    Pre-processing as DeepCluster: PCA-whitening to pca_dim dims (at most D and N - 1; 0 skips it),
-    then L2 normalisation. faiss k-means, `niter` Lloyd iterations, one GPU when gpu is True,
-    or None and faiss sees one. faiss would train on a random 256·k subsample unless told
-    otherwise, so max_points_per_centroid is raised until every one of the N points counts.
-    The centroids start at k random points, as in DeepCluster and the official code.
+    Pre-processing as DeepCluster: PCA-whitening to pca_dim dims (at most D and N - 1; 0 skips it,
+    see pca_whitening), then L2 normalisation. faiss k-means, `niter` Lloyd iterations, on every
+    core of the node, or on one GPU when gpu is True, or None and faiss sees one. faiss would train
+    on a random 256·k subsample unless told otherwise, so max_points_per_centroid is raised until
+    every one of the N points counts. The centroids start at k random points, as in DeepCluster
+    and the official code.
 
     Returns:
         assignments: int64 [N], the nearest final centroid of every point.
@@ -161,7 +317,7 @@ def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
         stats: dict of JSON-ready numbers: objective (sum of squared distances to the
             assigned centroids), size_min, size_median, size_max, empty_clusters, seconds
             (the k-means), preprocess_seconds (checks, PCA, normalisation), pca_dim (the
-            dimension used; 0 when PCA is off).
+            dimension used; 0 when PCA is off), threads (faiss's on the CPU).
     """
     return run_kmeans_multi(features, [k], seed=seed, niter=niter, pca_dim=pca_dim, gpu=gpu)[0]
 
@@ -171,92 +327,140 @@ def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, gpu=None):
 
     The PCA is the expensive part at ImageNet size (N x D^2 for the covariance) and does not
     depend on k. Returns a list of run_kmeans's (assignments, centroids, stats), one per k;
-    every stats dict carries the same preprocess_seconds.
+    every stats dict carries the same preprocess_seconds. The features are read in chunks: no
+    float32 copy of [N, D] is made.
     """
     start = time.perf_counter()
-    ks = [int(k) for k in ks]
-    if not ks:
-        raise ValueError("need at least one k")
-    x = _check_features(features, ks)
+    features = torch.as_tensor(features)
+    if features.dim() != 2 or 0 in features.shape:
+        raise ValueError(f"features must be a non-empty [N, D] matrix, got shape "
+                         f"{tuple(features.shape)}")
+    ks = _check_ks(ks, len(features))
+    gpu = _use_gpu(gpu)
+    mean, projection = pca_whitening(features, pca_dim)
+    x = whiten(features, mean, projection).numpy()                              # N x d
+    pca_dim = 0 if projection is None else projection.shape[1]
+    return _kmeans(x, ks, seed, niter, gpu, time.perf_counter() - start, pca_dim)
+
+
+def _use_gpu(gpu):
     if gpu is None:
-        gpu = faiss.get_num_gpus() > 0
-    elif gpu and faiss.get_num_gpus() == 0:
+        return faiss.get_num_gpus() > 0
+    if gpu and faiss.get_num_gpus() == 0:
         raise ValueError("gpu=True but faiss sees no GPU (is faiss-gpu installed?)")
-
-    pca_dim = min(pca_dim, x.shape[1], x.shape[0] - 1)  # N centred points span N - 1 dims
-    if pca_dim > 0:
-        pca = faiss.PCAMatrix(x.shape[1], pca_dim, -0.5)  # eigen_power -0.5: whitening
-        pca.train(x)
-        top_variance = float(faiss.vector_to_array(pca.eigenvalues).max())
-        if top_variance <= 0:
-            raise ValueError("features are all identical: nothing to whiten or cluster")
-        # Whitening divides by sqrt(eigenvalue). Directions of (numerically) zero variance,
-        # e.g. when N < D or units are dead, would blow float32 round-off up to unit scale;
-        # a floor of 1e-4 of the top eigenvalue keeps them small (0.1 at most).
-        pca.epsilon = 1e-4 * top_variance
-        pca.prepare_Ab()
-        x = pca.apply(x)
-    else:
-        x = x.copy()  # normalize_L2 works in place: never on the caller's array
-    faiss.normalize_L2(x)
-    preprocess_seconds = time.perf_counter() - start
-
-    results = []
-    for k in ks:
-        start = time.perf_counter()
-        kmeans = faiss.Kmeans(
-            x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
-            max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
-            min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
-        )
-        kmeans.train(x)
-        distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
-        assignments = assignments[:, 0].astype(np.int64)
-
-        sizes = np.bincount(assignments, minlength=k)
-        stats = {
-            "objective": float(distances.sum(dtype=np.float64)),
-            "size_min": int(sizes.min()),
-            "size_median": float(np.median(sizes)),
-            "size_max": int(sizes.max()),
-            "empty_clusters": int((sizes == 0).sum()),
-            "seconds": time.perf_counter() - start,
-            "preprocess_seconds": preprocess_seconds,
-            "pca_dim": int(pca_dim),
-        }
-        results.append((assignments, kmeans.centroids, stats))
-    return results
+    return gpu
 
 
-def distributed_kmeans(features, ks, num_samples, seed=0, niter=20, pca_dim=256, device=None):
-    """run_kmeans_multi on rank 0, then the same assignments on every rank.
+def _kmeans(x, ks, seed, niter, gpu, preprocess_seconds, pca_dim):
+    """faiss k-means of the pre-processed rows x [N, d] float32 for every k: run_kmeans_multi's
+    results. Under torchrun, OMP_NUM_THREADS is 1 when a node runs several ranks; the other ranks
+    wait for this k-means, so faiss takes every core of the node for it, then gives them back (the
+    OpenMP runtime may be torch's as well)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(node_threads())
+    try:
+        results = []
+        for k in ks:
+            start = time.perf_counter()
+            kmeans = faiss.Kmeans(
+                x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
+                max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
+                min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
+            )
+            kmeans.train(x)
+            distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
+            assignments = assignments[:, 0].astype(np.int64)
+
+            sizes = np.bincount(assignments, minlength=k)
+            stats = {
+                "objective": float(distances.sum(dtype=np.float64)),
+                "size_min": int(sizes.min()),
+                "size_median": float(np.median(sizes)),
+                "size_max": int(sizes.max()),
+                "empty_clusters": int((sizes == 0).sum()),
+                "seconds": time.perf_counter() - start,
+                "preprocess_seconds": preprocess_seconds,
+                "pca_dim": int(pca_dim),
+                "threads": faiss.omp_get_max_threads(),
+            }
+            results.append((assignments, kmeans.centroids, stats))
+        return results
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def distributed_kmeans(features, ks, num_samples, indices=None, seed=0, niter=20, pca_dim=256,
+                       device=None):
+    """Collective: run_kmeans_multi of the rows the ranks hold between them; the assignments on
+    every rank.
 
     Args:
-        features: [N, F] on rank 0 (as returned by `extract_features`), None on other ranks.
+        features: this rank's rows [n, F], any float dtype (a Shard's features); one process:
+            all N rows.
         ks: the numbers of prototypes, one k-means each (an int for one).
-        device: where the broadcast runs; default the current CUDA device for NCCL, else CPU.
+        num_samples: N, the rows over all ranks.
+        indices: the rows' dataset indices [n] (the Shard's); default 0..n-1, as for one process.
+        device: where the moments, the projection and the collectives run; default the current
+            CUDA device for NCCL, else CPU.
+
+    The ranks fit the whitening together (pca_whitening), each projects and L2-normalises its own
+    rows, and only these pca_dim-dim float16 rows travel to rank 0 (0.66 GB at ImageNet size),
+    which runs faiss k-means on all N of them (run_kmeans_multi's, every core of the node) and
+    broadcasts the assignments. No process ever holds [N, F].
 
     Returns:
         assignments: int64 [num_samples, len(ks)] CPU tensor, identical on every rank.
-        stats: run_kmeans's stats dicts, one per k, on every rank.
-    If clustering fails on rank 0, every rank raises its error instead of waiting forever.
+        stats: run_kmeans's stats dicts, one per k, on every rank (preprocess_seconds includes
+            the travel to rank 0).
+    Bad input (a k outside [2, N], rows that do not add up to N, NaN, identical features) and any
+    failure of rank 0's k-means raise the same error on every rank: none is left waiting.
     """
-    ks = [ks] if isinstance(ks, int) else list(ks)
-
-    def cluster():
-        results = run_kmeans_multi(features, ks, seed=seed, niter=niter, pca_dim=pca_dim)
-        columns = np.stack([assignments for assignments, _, _ in results], 1)
-        if len(columns) != num_samples:  # the broadcast buffer has num_samples rows
-            raise ValueError(f"got {len(columns)} features for num_samples={num_samples}")
-        return torch.from_numpy(columns), [stats for _, _, stats in results]
-
+    start = time.perf_counter()
+    ks = _check_ks(ks, num_samples)
     rank, world_size = _dist_info()
-    if world_size == 1:
-        return cluster()
-
+    group = dist.group.WORLD if world_size > 1 else None
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else "cpu")
+                  if group is not None and dist.get_backend() == "nccl" else "cpu")
+    features = torch.as_tensor(features)
+    indices = torch.arange(len(features)) if indices is None else torch.as_tensor(indices)
+    bad = (features.dim() != 2 or indices.shape != features.shape[:1]
+           or bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max())
+           < num_samples)
+    # How often each index is held, over the ranks (slot N: bad input on some rank); 5 MB at
+    # ImageNet size, for a partition that rank 0's buffer relies on.
+    hits = torch.zeros(num_samples + 1, dtype=torch.int32)
+    hits[num_samples] = int(bad)
+    if not bad:
+        hits[:num_samples] = torch.bincount(indices, minlength=num_samples)
+    if group is not None:
+        hits = hits.to(device)
+        dist.all_reduce(hits, group=group)
+        hits = hits.cpu()
+    if hits[num_samples]:
+        raise ValueError(f"every rank must pass features [n, F] and their dataset indices [n] in "
+                         f"[0, {num_samples}), got {tuple(features.shape)} and "
+                         f"{tuple(indices.shape)} here")
+    total = int(hits[:num_samples].sum())
+    if total != num_samples:
+        raise ValueError(f"got {total} features for num_samples={num_samples}")
+    if not (hits[:num_samples] == 1).all():
+        raise ValueError(f"{int((hits[:num_samples] == 0).sum())} dataset indices are on no rank "
+                         "and others on several: give each rank its Shard")
+
+    mean, projection = pca_whitening(features, pca_dim, group, device)
+    rows = whiten(features, mean, projection, torch.float16 if group else torch.float32, device)
+    x = gather_rows(rows, indices, num_samples, device, torch.float32)   # N x d on rank 0
+    pca_dim = 0 if projection is None else projection.shape[1]
+
+    def cluster():
+        results = _kmeans(x.numpy(), ks, seed, niter, _use_gpu(None), time.perf_counter() - start,
+                          pca_dim)
+        columns = np.stack([assignments for assignments, _, _ in results], 1)
+        return torch.from_numpy(columns), [stats for _, _, stats in results]
+
+    if group is None:
+        return cluster()
     assignments = torch.empty(num_samples, len(ks), dtype=torch.int64, device=device)
     outcome = [None]
     if rank == 0:
@@ -273,10 +477,12 @@ def distributed_kmeans(features, ks, num_samples, seed=0, niter=20, pca_dim=256,
 
 
 @torch.no_grad()
-def cluster_means(features, assignments, k, chunk=65536):
-    """The mean feature of each of k clusters, L2-normalised: [k, F] float32 (an empty cluster's
-    row is 0). features [N, F] any float dtype, assignments [N] int64 in [0, k); summed in chunks,
-    so a float16 bank is never copied whole to float32."""
+def cluster_means(features, assignments, k, chunk=65536, group=None, device="cpu"):
+    """The mean feature of each of k clusters, L2-normalised: [k, F] float32 CPU (an empty
+    cluster's row is 0). features [n, F] any float dtype, assignments [n] int64 in [0, k); summed
+    in chunks, so a float16 bank is never copied whole to float32. Collective over `group` when
+    one is given: every rank passes its own rows (a Shard's) and the sums [k, F] are all-reduced
+    on device, so that no rank needs [N, F]."""
     features, assignments = torch.as_tensor(features), torch.as_tensor(assignments)
     if features.dim() != 2 or assignments.shape != features.shape[:1]:
         raise ValueError(f"need features [N, F] and assignments [N], got {tuple(features.shape)} "
@@ -284,7 +490,10 @@ def cluster_means(features, assignments, k, chunk=65536):
     sums = torch.zeros(k, features.shape[1])
     for start in range(0, len(features), chunk):
         sums.index_add_(0, assignments[start:start + chunk], features[start:start + chunk].float())
-    return torch.nn.functional.normalize(sums, dim=1)
+    if group is not None:
+        sums = sums.to(device)
+        dist.all_reduce(sums, group=group)
+    return torch.nn.functional.normalize(sums, dim=1).cpu()
 
 
 def nmi(a, b):
@@ -329,7 +538,9 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
         num_classes: C; default 1 + the largest target.
         chunk: rows of test and of train features per block, so memory stays bounded by
             [chunk, chunk] similarities and [chunk, k] running neighbours (1.28M x 2048 is fine).
-        device: where the arithmetic runs; default CUDA when available.
+        device: where the arithmetic runs; default CUDA when available. The train features
+            move there once when they take at most half of its free memory (5.2 GB for ImageNet
+            in fp16), else block by block for every chunk of test images.
     """
     if (train_features.ndim != 2 or test_features.ndim != 2
             or train_features.shape[1] != test_features.shape[1]):
@@ -344,6 +555,10 @@ def knn_top1(train_features, train_targets, test_features, test_targets, k=200, 
     train_targets = torch.as_tensor(train_targets).to(device)
     test_targets = torch.as_tensor(test_targets).cpu()
     C = num_classes or max(int(train_targets.max()), int(test_targets.max())) + 1
+    if device.type == "cuda" and train_features.device != device:
+        size = train_features.numel() * train_features.element_size()
+        if size <= torch.cuda.mem_get_info(device)[0] // 2:
+            train_features = train_features.to(device)      # in its own dtype: the same blocks
     correct = 0
     for start in range(0, len(test_features), chunk):
         query = F.normalize(test_features[start:start + chunk].to(device, torch.float32),  # c x F

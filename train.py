@@ -5,12 +5,12 @@ torchrun.
     torchrun --nproc_per_node 8 train.py --dataset imagenet --data /path/to/imagenet
 
 main() reads as the algorithm: set up and resume, then per epoch (1) the prototypes: k-means on
-every training image's features (Sec. 3.2; rank 0 clusters, every rank gets the assignments),
-with the prototype heads started over; (2) one epoch of Eq. 5 on same/cross-prototype pair
-batches, LARS for the network and its own SGD for the heads; (3) the kNN and similarity monitor;
-(4) metrics.jsonl and checkpoint.pth in --out (resumed automatically). `--w-metric 0 --w-proto 0`
-is plain SimCLR: no clustering, uniformly random pairs. Ctrl-C stops with a line saying how to
-resume.
+every training image's features (Sec. 3.2; each rank keeps the features of its share, rank 0
+clusters their whitened rows, every rank gets the assignments), with the prototype heads
+started over; (2) one epoch of Eq. 5 on same/cross-prototype pair batches, LARS for the network
+and its own SGD for the heads; (3) the kNN and similarity monitor; (4) metrics.jsonl and
+checkpoint.pth in --out (resumed automatically). `--w-metric 0 --w-proto 0` is plain SimCLR: no
+clustering, uniformly random pairs. Ctrl-C stops with a line saying how to resume.
 """
 import argparse
 import itertools
@@ -132,6 +132,9 @@ def get_args(argv=None):
                         "re-planned)")
     p.add_argument("--workers", type=int, help=runtime.WORKERS_HELP)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60,
+                   help="minutes a rank may wait for the others in a collective before the job "
+                        "stops; must cover rank 0's k-means, which the others wait for")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -203,27 +206,27 @@ def fail(message, master=True):
 # ---------------------------------------------------------------------------------------------
 
 def feature_bank(args, model, views, N, epoch, rank, world, device, amp_dtype):
-    """Encoder features [N, F] of the training set (float16, rank 0; None elsewhere) in the
-    evaluation view, or with --cluster-aug in one SimCLR augmentation (the paper, Sec. 3.2)."""
+    """Collective: this rank's share of the training set's encoder features (a cluster.Shard,
+    float16) in the evaluation view, or with --cluster-aug in one SimCLR augmentation (the paper,
+    Sec. 3.2)."""
     model.eval()
     view, key = "eval", None
     if args.cluster_aug:
         view, key = "simclr", (args.seed, data.CLUSTER_VIEWS, epoch, rank)
-    features = cluster.split_features(model.encoder, views, N, rank, world, device, amp_dtype,
-                                      view, key)[0]
+    shard = cluster.split_shard(model.encoder, views, N, rank, world, device, amp_dtype, view, key)
     model.train()
-    return features
+    return shard
 
 
-def prototype_assignments(args, epoch, ks, targets, features, device):
-    """Each image's prototype under each of the H clusterings (Sec. 3.2): assignments int64 [N, H],
-    identical on every rank, and the clustering's statistics. k-means on rank 0's features [N, F];
-    with --prototypes gt, the classes."""
+def prototype_assignments(args, epoch, ks, targets, shard, device):
+    """Collective: each image's prototype under each of the H clusterings (Sec. 3.2): assignments
+    int64 [N, H], identical on every rank, and the clustering's statistics. k-means of the ranks'
+    shards of the features (cluster.distributed_kmeans); with --prototypes gt, the classes."""
     if args.prototypes == "gt":
         return targets[:, None], {}
     assignments, kmeans_stats = cluster.distributed_kmeans(
-        features, ks, len(targets), seed=args.seed + epoch, niter=args.kmeans_iters,
-        pca_dim=args.pca_dim, device=device)
+        shard.features, ks, len(targets), indices=shard.indices, seed=args.seed + epoch,
+        niter=args.kmeans_iters, pca_dim=args.pca_dim, device=device)
     return assignments, {f"kmeans_k{k}": st for k, st in zip(ks, kmeans_stats)}
 
 
@@ -239,31 +242,31 @@ def head_optimizer(model, args):
 
 
 @torch.no_grad()
-def centroid_heads(features, assignments, ks, feature_dim, world, device, temperature=0.1):
-    """--head-init centroids: row c of head j is cluster c's mean encoder feature, normalised and
-    divided by temperature x the mean feature norm, so that a typical feature scores the clusters
-    by cosine / 0.1 (DeepCluster-v2 copies its centroids into its prototype layer the same way,
-    with this temperature). features [N, F] on rank 0, None elsewhere; the heads are broadcast.
-    Returns one [K_j, F] float32 CPU tensor per K_j, identical on every rank."""
-    weights = [torch.zeros(k, feature_dim) for k in ks]
-    if features is not None:
-        norm = torch.cat([chunk.float().norm(dim=1) for chunk in features.split(65536)]).mean()
-        weights = [cluster.cluster_means(features, assignments[:, j], k) / (temperature * norm)
-                   for j, k in enumerate(ks)]
-    if world > 1:
-        flat = torch.cat([w.flatten() for w in weights]).to(device)
-        dist.broadcast(flat, src=0)
-        sizes = [k * feature_dim for k in ks]
-        weights = [w.view(k, feature_dim).cpu() for w, k in zip(flat.split(sizes), ks)]
-    return weights
+def centroid_heads(shard, assignments, ks, world, device, temperature=0.1):
+    """Collective, --head-init centroids: row c of head j is cluster c's mean encoder feature,
+    normalised and divided by temperature x the mean feature norm, so that a typical feature
+    scores the clusters by cosine / 0.1 (DeepCluster-v2 copies its centroids into its prototype
+    layer the same way, with this temperature). shard: this rank's cluster.Shard of the features;
+    the per-cluster sums [K_j, F] and the norms are all-reduced, so no rank needs [N, F].
+    assignments [N, H]. Returns one [K_j, F] float32 CPU tensor per K_j, identical on every rank."""
+    group = dist.group.WORLD if world > 1 else None
+    norms = torch.tensor([sum(float(chunk.float().norm(dim=1).sum())
+                              for chunk in shard.features.split(65536)), len(shard.features)],
+                         dtype=torch.float64, device=device)               # [sum of norms, n]
+    if group is not None:
+        dist.all_reduce(norms)
+    norm = float(norms[0] / norms[1])
+    return [cluster.cluster_means(shard.features, assignments[shard.indices, j], k, group=group,
+                                  device=device) / (temperature * norm)
+            for j, k in enumerate(ks)]
 
 
-def restart_heads(args, epoch, model, ks, features, assignments, world, device):
+def restart_heads(args, epoch, model, ks, shard, assignments, world, device):
     """New k-means ids mean nothing to the old heads: start them, and their optimiser, over (Sec.
     3.5). Returns the heads' new optimiser."""
     weights = None
     if args.head_init == "centroids":
-        weights = centroid_heads(features, assignments, ks, model.feature_dim, world, device)
+        weights = centroid_heads(shard, assignments, ks, world, device)
     model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch), weights)
     return head_optimizer(model, args)
 
@@ -276,15 +279,16 @@ def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototyp
     stats, model = {"epoch": epoch + 1}, run["model"]     # the epoch counted from 1
     if not use_prototypes:
         return torch.arange(len(targets))[:, None], stats
-    features = None
+    shard = None
     if args.prototypes == "kmeans":
         start = time.time()
-        # bank: the last kNN pass's features, made with the weights this epoch starts from.
-        features = bank[0] if bank else feature_bank(args, model, run["views"], len(targets),
-                                                     epoch, rank, world, device, run["amp_dtype"])
+        # bank: this rank's shard of the last kNN pass's features, made with the weights this
+        # epoch starts from.
+        shard = bank if bank is not None else feature_bank(
+            args, model, run["views"], len(targets), epoch, rank, world, device, run["amp_dtype"])
         stats["feature_seconds"] = time.time() - start
     start = time.time()
-    assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, features, device)
+    assignments, cluster_stats = prototype_assignments(args, epoch, ks, targets, shard, device)
     stats.update(cluster_stats)
     if args.prototypes == "kmeans":
         stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
@@ -294,8 +298,8 @@ def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototyp
                 stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
     # k-means heads restart after every clustering; a ground-truth head starts once.
     if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
-        run["proto_optimizer"] = restart_heads(args, epoch, model, ks, features, assignments,
-                                               world, device)
+        run["proto_optimizer"] = restart_heads(args, epoch, model, ks, shard, assignments, world,
+                                               device)
     return assignments, stats
 
 
@@ -425,14 +429,16 @@ def similarity_probe(model, views, targets, device, size=2048):
 def monitor(args, epoch, model, views, test_views, targets, test_targets, num_classes, rank,
             world, device, amp_dtype):
     """kNN top-1 on the test set every --knn-every epochs and after the last (Wu et al. 2018), and
-    the similarity probe. Returns (stats, the kNN pass's train features [N, F] on rank 0, whether
-    that pass ran): made with the weights the next epoch starts from, they serve its clustering."""
-    stats, features = {}, None
+    the similarity probe. Returns (stats, this rank's cluster.Shard of the kNN pass's train
+    features, or None when the kNN did not run): made with the weights the next epoch starts from,
+    they serve its clustering. The kNN alone gathers [N, F] onto rank 0, for as long as it runs."""
+    stats, shard = {}, None
     ran = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
     if ran:
         model.eval()
-        features = cluster.split_features(model.encoder, views, len(targets), rank, world, device,
-                                          amp_dtype)[0]
+        shard = cluster.split_shard(model.encoder, views, len(targets), rank, world, device,
+                                    amp_dtype)
+        features = cluster.gather_features(shard, len(targets), device)[0]
         test_features = cluster.split_features(model.encoder, test_views, len(test_targets), rank,
                                                world, device, amp_dtype)[0]
         model.train()
@@ -441,7 +447,7 @@ def monitor(args, epoch, model, views, test_views, targets, test_targets, num_cl
                                                  num_classes=num_classes)
     if rank == 0:
         stats.update(similarity_probe(model, views, targets, device))
-    return stats, features, ran
+    return stats, shard
 
 
 def schedule_changes(saved, config):
@@ -690,7 +696,10 @@ def save(args, run, epoch, assignments, stats, config, world, master, partial=No
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = runtime.setup_distributed()
+    if not args.timeout > 0:          # before the process group, which would not start with it
+        fail(f"--timeout must be > 0 minutes, got {args.timeout}",
+             os.environ.get("RANK", "0") == "0")
+    rank, world, device = runtime.setup_distributed(timeout_minutes=args.timeout)
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"     # fixed shapes: pick the fastest
@@ -746,8 +755,8 @@ def main(argv=None):
 
     # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ------
     uses_prototypes = bool(args.w_metric or args.w_proto)
-    # [train features] of the last kNN pass (None inside on ranks > 0), made with the weights the
-    # next epoch starts from, so that its clustering needs no feature pass of its own; or None.
+    # This rank's shard of the last kNN pass's train features, made with the weights the next
+    # epoch starts from, so that its clustering needs no feature pass of its own; or None.
     bank = None
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
@@ -762,6 +771,7 @@ def main(argv=None):
         else:
             assignments, stats = epoch_prototypes(args, epoch, run, ks, targets, bank, previous,
                                                   use_prototypes, rank, world, device)
+        bank = None              # 0.66 GB a rank at ImageNet size, not needed while training
         run["sampler"].set_assignments(assignments[:, 0])
         run["sampler"].set_epoch(epoch)
 
@@ -772,12 +782,11 @@ def main(argv=None):
                                      device, partial, save_partial))
 
         # 3. Monitor, log, checkpoint.
-        monitor_stats, knn_features, knn_ran = monitor(
+        monitor_stats, knn_shard = monitor(
             args, epoch, model, run["views"], test_views, targets,
             torch.as_tensor(test_set.targets) if test_set else None, num_classes, rank, world,
             device, amp_dtype)
-        bank = [knn_features] if knn_ran and not args.cluster_aug else None   # --cluster-aug:
-                                                                              # augmented views
+        bank = None if args.cluster_aug else knn_shard     # --cluster-aug: augmented views
         stats.update(monitor_stats)
         stats["epoch_seconds"] = time.time() - epoch_start
         save(args, run, epoch, assignments, stats, config, world, master)

@@ -169,8 +169,8 @@ def syncs(args, device):
         train.train_one_epoch = real
     steps = train.progress["steps"]
     steady = {s: n for s, n in per_step.items() if s is not None and 3 <= s < steps}
-    emit("syncs", counted=device.type == "cuda", steps=steps, syncs_by_step={str(k): v for k, v in sorted(per_step.items(),
-                                                                          key=str)},
+    emit("syncs", counted=device.type == "cuda", steps=steps,
+         syncs_by_step={str(k): v for k, v in sorted(per_step.items(), key=str)},
          steady_state_syncs=sum(steady.values()), where=where)
 
 
@@ -209,13 +209,15 @@ def clustering(args, device):
         feats[start:end] = (centres[labels] + 2 * torch.randn(end - start, F, generator=g)).half()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
+    # One process holds all N rows here; under torchrun each rank would hold N / world of them.
     assignments, stats = cluster.distributed_kmeans(feats, [K], N, seed=0, niter=args.kmeans_iters,
-                                                    pca_dim=256)
+                                                    pca_dim=256, device=device)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     emit("cluster", n=N, f=F, k=K, iterations=args.kmeans_iters, seconds=round(seconds, 1),
          preprocess_seconds=round(stats[0]["preprocess_seconds"], 1),
-         kmeans_seconds=round(stats[0]["seconds"], 1), host_peak_gb=round(peak, 2),
+         kmeans_seconds=round(stats[0]["seconds"], 1), threads=stats[0].get("threads"),
+         host_peak_gb=round(peak, 2),
          host_peak_gb_before_clustering=round(before, 2), empty_clusters=stats[0]["empty_clusters"])
 
 
