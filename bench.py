@@ -232,6 +232,17 @@ def bench_sampler(device, repeat):
               f"same share {pairs[:, 2].mean():.3f}")
 
 
+def _step_setup(arch, batch, device, g):
+    """The step of the step sections: random pair labels and assignments (K = 512), the model
+    (CIFAR stem, channels_last), its TrainingStep (per-side) and LARS."""
+    same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
+    assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
+    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(
+        device, memory_format=torch.channels_last)
+    return same, assignments, TrainingStep(model, contrast="per-side"), LARS(model.parameters(),
+                                                                             lr=0.1)
+
+
 def bench_step(device, repeat):
     arch, batch = ("resnet18", 512) if device.type == "cuda" else ("resnet18_narrow", 256)
     print(f"== step: one training step (forward, Eq. 5, backward, LARS), {arch}, {batch} images, "
@@ -240,12 +251,7 @@ def bench_step(device, repeat):
     g = torch.Generator().manual_seed(0)
     v1, v2 = (torch.randn(batch, 3, 32, 32, generator=g).to(
         device, memory_format=torch.channels_last) for _ in range(2))
-    same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
-    assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
-    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(
-        device, memory_format=torch.channels_last)
-    step_module = TrainingStep(model, contrast="per-side")
-    optimizer = LARS(model.parameters(), lr=0.1)
+    same, assignments, step_module, optimizer = _step_setup(arch, batch, device, g)
 
     def step(use_prototypes):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -273,12 +279,7 @@ def bench_step_input(device, repeat):
     indices = [torch.randperm(4 * batch, generator=g)[:batch] for _ in range(repeat + 2)]
     batches = iter(views.batches(indices * 2, "simclr", key=(0,), copies=2))
     fixed = next(batches)[0]
-    same = (torch.rand(batch // 2, generator=g) < 0.5).long().to(device)
-    assignments = torch.randint(0, 512, (batch, 1), generator=g).to(device)
-    model = SPCLModel(arch, cifar_stem=True, num_prototypes=[512]).to(
-        device, memory_format=torch.channels_last)
-    step_module = TrainingStep(model, contrast="per-side")
-    optimizer = LARS(model.parameters(), lr=0.1)
+    same, assignments, step_module, optimizer = _step_setup(arch, batch, device, g)
 
     def step(views_now):
         v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in views_now)

@@ -123,11 +123,7 @@ def get_args(argv=None):
                    help="a fixed random subset of N training images")
     p.add_argument("--test-subset", type=int, default=0,
                    help="a fixed random subset of N test images")
-    p.add_argument("--workers", type=int, help=runtime.WORKERS_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60,
-                   help="minutes a rank may wait for the others in a collective before the job "
-                        "stops (torch.distributed's timeout)")
+    runtime.add_process_flags(p)
     args = p.parse_args(argv)
     if args.workers is None:
         args.workers = runtime.default_workers()
@@ -234,10 +230,7 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
 
 def main(argv=None):
     args = get_args(argv)
-    if not args.timeout > 0:          # before the process group, which would not start with it
-        fail(f"--timeout must be > 0 minutes, got {args.timeout}",
-             os.environ.get("RANK", "0") == "0")
-    rank, world, device = runtime.setup_distributed(timeout_minutes=args.timeout)
+    rank, world, device = runtime.setup_script("linear_eval.py", args.timeout)
     master = rank == 0
     torch.manual_seed(args.seed)
     start = time.time()

@@ -69,6 +69,24 @@ def default_workers(cores=None, local_world_size=None, cap=8):
     return max(1, min(cap, cores // local_world_size))
 
 
+def add_process_flags(parser, timeout_note=""):
+    """The flags both scripts take for the processes they run in: --workers, --seed, --timeout."""
+    parser.add_argument("--workers", type=int, help=WORKERS_HELP)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60,
+                        help="minutes a rank may wait for the others in a collective before the "
+                             "job stops (torch.distributed's timeout)" + timeout_note)
+
+
+def setup_script(program, timeout_minutes):
+    """setup_distributed for a script's --timeout, which must be positive (checked before the
+    process group, which would not start with it: a one-line error instead)."""
+    if not timeout_minutes > 0:
+        fail(program, f"--timeout must be > 0 minutes, got {timeout_minutes}",
+             os.environ.get("RANK", "0") == "0")
+    return setup_distributed(timeout_minutes=timeout_minutes)
+
+
 def autocast_dtype(device):
     """bf16 where the GPU has it natively (Ampere and later), fp16 (with loss scaling) on older
     GPUs, None (full precision) on the CPU."""

@@ -1884,7 +1884,8 @@ def test_resume_drops_a_torn_line_says_when_finished_and_guards_the_schedule(sma
     assert ("metrics.jsonl: dropped its half-written last line '{\"epoch\": 2, \"loss_total\": 7.4'"
             in capsys.readouterr().out)
     assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "metrics.jsonl"]  # no temporary left
+    assert set(os.listdir(tmp_path)) == {"checkpoint.pth", "checkpoint.prev.pth",  # no temporary
+                                         "metrics.jsonl"}                          # left
 
     # Finished: said before any data is loaded. --knn-every does not re-plan the schedule.
     saved = (tmp_path / "checkpoint.pth").read_bytes()
@@ -2324,6 +2325,20 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves "
                                          "out: pip install matplotlib$"):
         runpy.run_path(os.path.join(HERE, "experiments", "plot.py"), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_section_at_toy_sizes():
+    # The GPU check waits for a session with a GPU: --smoke runs its sections on the CPU, so that
+    # it does not rot meanwhile. Every section prints one JSON line and none reports an error.
+    result = _run([sys.executable, os.path.join("experiments", "gpu_check.py"), "--smoke"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [line["section"] for line in lines] == ["env", "step", "step", "step", "syncs",
+                                                    "features", "cluster", "decode"]
+    assert not [line for line in lines if "error" in line], lines
+    cluster_line = next(line for line in lines if line["section"] == "cluster")
+    assert cluster_line["empty_clusters"] == 0 and cluster_line["k"] == 10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,11 +130,7 @@ def get_args(argv=None):
                    help="resume although --epochs, --lr, --batch-size, --warmup-epochs or "
                         "--train-subset differ from the checkpoint's (the lr schedule is "
                         "re-planned)")
-    p.add_argument("--workers", type=int, help=runtime.WORKERS_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60,
-                   help="minutes a rank may wait for the others in a collective before the job "
-                        "stops; must cover rank 0's k-means, which the others wait for")
+    runtime.add_process_flags(p, "; it must cover rank 0's k-means, which the others wait for")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -320,7 +316,9 @@ def train_one_epoch(args, epoch, run, assignments, use_prototypes, rank, world, 
     terms] table, and every --log-every steps one read all-reduces and checks the new rows (a
     non-finite loss stops the run, reporting its first step) and updates the bar. Every
     --save-every steps, the rows are checked and save_partial(state) writes a checkpoint inside the
-    epoch. Returns the epoch's statistics: mean losses, over the last 20 steps too, lr, speed."""
+    epoch. (fp16 loss scaling, on GPUs before Ampere, still reads its inf check every step: that
+    sync is GradScaler's.) Returns the epoch's statistics: mean losses, over the last 20 steps too,
+    lr, speed."""
     model, optimizer, proto_optimizer, scaler = (run["model"], run["optimizer"],
                                                  run["proto_optimizer"], run["scaler"])
     sampler, steps = run["sampler"], len(run["sampler"])
@@ -696,10 +694,7 @@ def save(args, run, epoch, assignments, stats, config, world, master, partial=No
 
 def main(argv=None):
     args = get_args(argv)
-    if not args.timeout > 0:          # before the process group, which would not start with it
-        fail(f"--timeout must be > 0 minutes, got {args.timeout}",
-             os.environ.get("RANK", "0") == "0")
-    rank, world, device = runtime.setup_distributed(timeout_minutes=args.timeout)
+    rank, world, device = runtime.setup_script("train.py", args.timeout)
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"     # fixed shapes: pick the fastest
