@@ -142,6 +142,11 @@ def get_args(argv=None):
     return args
 
 
+def uses_prototypes(args):
+    """Whether Eq. 3 or 4 is on: SPCL (from --proto-start-epoch), not plain SimCLR."""
+    return bool(args.w_metric or args.w_proto)
+
+
 def prototype_counts(text):
     """--num-prototypes "50,512" -> [50, 512]; ValueError when it is not a comma list of
     integers."""
@@ -580,7 +585,7 @@ def prototype_numbers(args, config, ckpt, num_classes, N, master):
     return ks
 
 
-def build(args, ks, N, world, device):
+def build(args, ks, N, rank, world, device):
     """The network, the module DDP wraps, LARS for the network and SGD for the prototype heads,
     the fp16 loss scaler, and the schedule: the training state that main() passes around."""
     cuda = device.type == "cuda"
@@ -602,16 +607,15 @@ def build(args, ks, N, world, device):
     if world > 1:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
         # only then must DDP search the graph for unused parameters.
-        uses_prototypes = bool(args.w_metric or args.w_proto)
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if cuda else None,
-            find_unused_parameters=((uses_prototypes and args.proto_start_epoch > 0)
+            find_unused_parameters=((uses_prototypes(args) and args.proto_start_epoch > 0)
                                     or not args.w_con))
     base_lr = args.lr * args.batch_size / 256
     heads = {id(p) for p in model.proto_heads.parameters()}
     amp_dtype = runtime.autocast_dtype(device)
     sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world,
-                                   int(os.environ.get("RANK", "0")),
+                                   rank,
                                    seed=args.seed, p_same=args.p_same)
     return {"model": model, "step_module": step_module, "base_lr": base_lr, "amp_dtype": amp_dtype,
             "optimizer": LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr,
@@ -656,8 +660,7 @@ def restore(args, run, ckpt, config, rank, master):
             print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): "
                   f"the lr goes from {ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the "
                   f"checkpoint's last step to {now:.4g} now")
-    uses_prototypes = bool(args.w_metric or args.w_proto)
-    if uses_prototypes and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
+    if uses_prototypes(args) and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
         return ckpt["assignments"]        # else the SimCLR epochs' singletons: no clustering
     return None
 
@@ -732,7 +735,7 @@ def main(argv=None):
     train_set, test_set = load_data(args, world, master)
     targets, num_classes = torch.as_tensor(train_set.targets), len(train_set.classes)
     ks = prototype_numbers(args, config, ckpt, num_classes, len(targets), master)
-    run = build(args, ks, len(targets), world, device)
+    run = build(args, ks, len(targets), rank, world, device)
     mean_std = data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"])
     run["views"] = data.Views(train_set, args.image_size, mean_std, args.jitter, args.workers,
                               device)
@@ -749,14 +752,13 @@ def main(argv=None):
     progress["steps"] = len(run["sampler"])
 
     # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ------
-    uses_prototypes = bool(args.w_metric or args.w_proto)
     # This rank's shard of the last kNN pass's train features, made with the weights the next
     # epoch starts from, so that its clustering needs no feature pass of its own; or None.
     bank = None
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         progress.update(epoch=epoch + 1, step=0)
-        use_prototypes = uses_prototypes and epoch >= args.proto_start_epoch
+        use_prototypes = uses_prototypes(args) and epoch >= args.proto_start_epoch
         partial = ckpt.get("partial") if ckpt and epoch == start_epoch else None
 
         # 1. Prototypes (Sec. 3.2): every image's cluster, or singletons for plain SimCLR. A run
