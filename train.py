@@ -614,9 +614,8 @@ def build(args, ks, N, rank, world, device):
     base_lr = args.lr * args.batch_size / 256
     heads = {id(p) for p in model.proto_heads.parameters()}
     amp_dtype = runtime.autocast_dtype(device)
-    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world,
-                                   rank,
-                                   seed=args.seed, p_same=args.p_same)
+    sampler = PrototypePairSampler(torch.arange(N), args.batch_size, world, rank, seed=args.seed,
+                                   p_same=args.p_same)
     return {"model": model, "step_module": step_module, "base_lr": base_lr, "amp_dtype": amp_dtype,
             "optimizer": LARS([p for p in model.parameters() if id(p) not in heads], lr=base_lr,
                               weight_decay=args.weight_decay),
