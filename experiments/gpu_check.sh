@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check (experiments/gpu_check.py), ready for a machine that has torch and
 # torchvision but no faiss. Carry the faiss-cpu wheel (19 MB; its k-means runs on the CPU's
-# threads there) in .whl/, ignored by git, fetched here once with:
+# threads there) in .whl/ (ignored by git), fetched here once with:
 #
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl faiss-cpu==1.15.1
 #
