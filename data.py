@@ -495,7 +495,10 @@ class Views:
                  else seeded_generator(*key, b))
             idx = torch.as_tensor(idx, dtype=torch.int64)
             if view == "eval":
-                x = [to_device(self.dataset.normalised(idx), self.device) for _ in range(copies)]
+                # uint8 to the device, normalised there, as the on-disk views (a quarter of the
+                # bytes of a float copy).
+                images = to_device(self.dataset.images[idx], self.device)   # B x H x W x 3
+                x = [normalise(images.permute(0, 3, 1, 2), self.mean_std) for _ in range(copies)]
             else:
                 images = to_device(self.dataset.images[idx], self.device)        # B x H x W x 3
                 make = (self.augment if view == "simclr"
