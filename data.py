@@ -6,6 +6,7 @@ per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) sta
 transforms (`simclr_transform`) in DataLoader workers kept for the whole run make uint8 views,
 normalised on the training device (`Views`).
 """
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,7 @@ class InMemoryImages(torch.utils.data.Dataset):
 
     def __init__(self, images, targets, classes, mean, std):
         self.images, self.targets, self.classes = images, targets, classes
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.mean_std = (tuple(mean), tuple(std))
 
     def __len__(self):
         return len(self.targets)
@@ -46,8 +46,7 @@ class InMemoryImages(torch.utils.data.Dataset):
 
     def normalised(self, idx):
         """The evaluation view of images idx [B]: float [B, 3, H, W], normalised."""
-        x = self.images[idx].permute(0, 3, 1, 2).float().div_(255)
-        return (x - self.mean) / self.std
+        return normalise(self.images[idx].permute(0, 3, 1, 2), self.mean_std)
 
 
 class DataError(ValueError):
@@ -192,8 +191,19 @@ def eval_transform(size=224, mean_std=None):
 
 def normalise(x, mean_std):
     """uint8 images [B, 3, H, W] on any device -> float, (x / 255 - mean) / std."""
-    mean, std = (to_device(torch.tensor(v).view(1, 3, 1, 1), x.device) for v in mean_std)
-    return (x.float().div_(255) - mean) / std
+    return standardise(x.float().div_(255), mean_std)
+
+
+def standardise(x, mean_std):
+    """float images [B, 3, H, W] in [0, 1] -> (x - mean) / std, per channel."""
+    mean, std = _channel_constants(tuple(map(tuple, mean_std)), x.device)
+    return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constants(mean_std, device):
+    """mean and std as [1, 3, 1, 1] tensors on device, made once per (mean_std, device)."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std)
 
 
 def to_device(x, device):
@@ -272,9 +282,7 @@ class BatchAugment:
     """
 
     def __init__(self, size, mean_std, strength=0.5):
-        self.size = size
-        self.mean = torch.tensor(mean_std[0]).view(1, 3, 1, 1)
-        self.std = torch.tensor(mean_std[1]).view(1, 3, 1, 1)
+        self.size, self.mean_std = size, mean_std
         self.jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
 
     def crop_boxes(self, B, H, W, generator, attempts=10):
@@ -308,7 +316,7 @@ class BatchAugment:
         x = self._color_jitter(x, generator)
         gray = to_device(torch.rand(B, generator=generator) < 0.2, device).view(-1, 1, 1, 1)
         x = torch.where(gray, _gray(x).expand_as(x), x)
-        return (x - to_device(self.mean, device)) / to_device(self.std, device)
+        return standardise(x, self.mean_std)
 
     def _color_jitter(self, x, generator):
         B = x.shape[0]
@@ -354,7 +362,7 @@ def subset(dataset, n, seed):
     keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
     if isinstance(dataset, InMemoryImages):
         return InMemoryImages(dataset.images[keep], dataset.targets[keep], dataset.classes,
-                              dataset.mean.flatten().tolist(), dataset.std.flatten().tolist())
+                              *dataset.mean_std)
     dataset.samples = [dataset.samples[i] for i in keep]
     dataset.imgs = dataset.samples
     dataset.targets = [s[1] for s in dataset.samples]
@@ -375,7 +383,7 @@ def crop_flip(images, mean_std, generator):
                     augment.crop_boxes(B, H, W, generator), (H, W))              # B x 3 x H x W
     flip = to_device(torch.rand(B, generator=generator) < 0.5, x.device).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
-    return (x - to_device(augment.mean, x.device)) / to_device(augment.std, x.device)
+    return standardise(x, mean_std)
 
 
 def crop_flip_transform(size, mean_std=None):
