@@ -2354,14 +2354,14 @@ README_SCALE = {"train.py": {"--epochs": "1", "--proto-start-epoch": "0", "--knn
 
 
 def _readme_steps():
-    """The commands of the README's 'Train' and 'Evaluate and export', in order: ("sh", argv) for
-    each `python ...` line of a bash block, ("py", code) for a python block. Left out: pip,
-    torchrun, and the lines that need what a test has not (a network: --download; data at
-    /path/to/...)."""
+    """The commands of the README's 'Set up, test, train' and 'Evaluate and export', in order:
+    ("sh", argv) for each `python ...` line of a bash block, ("py", code) for a python block. Left
+    out: pip (and the test command behind it), torchrun, and the lines that need what a test has
+    not (a network: --download; data at /path/to/...)."""
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
     steps = []
-    for section in ("## Train\n", "## Evaluate and export\n"):
+    for section in ("## Set up, test, train\n", "## Evaluate and export\n"):
         body = text.split(section, 1)[1].split("\n## ", 1)[0]
         for language, block in re.findall(r"```(bash|python)\n(.*?)```", body, re.S):
             if language == "python":
