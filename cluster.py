@@ -14,7 +14,8 @@ centroids) without [N, F] on any process: the ranks all-reduce the mean and the 
 rank 0's whitening is broadcast, each rank projects its own rows, and only the [N, 256] float16
 rows travel to rank 0 (0.66 GB), which runs k-means on every core of the node (or its GPU) and
 broadcasts the assignments. Only the kNN monitor gathers [N, F] onto rank 0. `nmi` measures
-the partition against the labels or the previous epoch.
+the partition against the labels or the previous epoch, `same_class_pairs` the share of
+same-prototype pairs that share a class.
 """
 
 import math
@@ -520,6 +521,31 @@ def nmi(a, b):
     mutual = (p_ab * np.log(p_ab / (p_a[codes // num_b] * p_b[codes % num_b]))).sum()
     return float(np.clip(mutual / ((h_a + h_b) / 2), 0.0, 1.0))
 
+
+
+def same_class_pairs(assignments, targets):
+    """The share of same-prototype pairs whose two images share a class: the precision of the
+    positives of Eq. 3 (Sec. 3.4), which the Siamese loss pulls together.
+
+    For a pair drawn uniformly from the images of one prototype, prototypes weighted by their size
+    (as `sampler.PrototypePairSampler` takes them); prototypes of one image hold no pair. A
+    random pair of CIFAR-10 images shares its class with probability 0.1; ground-truth
+    prototypes give 1. nan when no prototype holds two images.
+    """
+    a, y = np.asarray(assignments).ravel(), np.asarray(targets).ravel()
+    if a.shape != y.shape or a.size == 0:
+        raise ValueError(f"need assignments and targets of equal length, got {a.size} and {y.size}")
+    _, a = np.unique(a, return_inverse=True)
+    _, y = np.unique(y, return_inverse=True)
+    sizes = np.bincount(a).astype(np.float64)                            # n_k
+    codes, joint = np.unique(a.astype(np.int64) * (int(y.max()) + 1) + y, return_counts=True)
+    k = codes // (int(y.max()) + 1)
+    same = np.bincount(k, weights=joint * (joint - 1.0), minlength=len(sizes))   # ordered pairs
+    paired = sizes > 1
+    if not paired.any():
+        return float("nan")
+    share = same[paired] / (sizes[paired] * (sizes[paired] - 1))         # per prototype
+    return float((sizes[paired] * share).sum() / sizes[paired].sum())
 
 @torch.no_grad()
 def knn_top1(train_features, train_targets, test_features, test_targets, k=200, temperature=0.1,

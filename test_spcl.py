@@ -8,6 +8,7 @@ end-to-end and multi-process ones.
 """
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -43,7 +44,8 @@ import models
 import runtime
 import train
 from cluster import (Shard, cluster_means, distributed_kmeans, extract_features, knn_top1, nmi,
-                     pca_whitening, run_kmeans, run_kmeans_multi, shard_features, whiten)
+                     pca_whitening, run_kmeans, run_kmeans_multi, same_class_pairs,
+                     shard_features, whiten)
 from lars import LARS
 from linear_eval import evaluate, train_classifier
 from losses import (nt_xent, prototype_ce, siamese_metric_loss, siamese_pairs, spcl_loss,
@@ -567,6 +569,38 @@ def test_nmi_errors():
     with pytest.raises(ValueError, match="non-empty"):
         nmi([], [])
 
+
+
+def test_same_class_pairs_against_every_pair_and_the_sampler():
+    """The precision of Eq. 3's positives: from every unordered pair of each prototype, weighted
+    by its size; and as the share of the sampler's same-prototype pairs that share a class."""
+    assert same_class_pairs([0, 0, 1, 1], [3, 3, 4, 4]) == 1.0          # the classes themselves
+    assert same_class_pairs([0, 0, 1, 1], [0, 1, 0, 1]) == 0.0
+    assert np.isnan(same_class_pairs([0, 1, 2], [0, 0, 0]))             # singletons: no pair
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 3000)
+    assignments = np.where(rng.random(3000) < 0.5, labels * 7 + 2,      # half follow the class
+                           rng.integers(0, 40, 3000))
+    assignments[:3] = [1000, 1001, 1002]                                # three singletons
+    weight, total = 0.0, 0.0
+    for k in set(assignments.tolist()):
+        members = labels[assignments == k].tolist()
+        pairs = list(itertools.combinations(members, 2))
+        if pairs:
+            weight += len(members) * sum(a == b for a, b in pairs) / len(pairs)
+            total += len(members)
+    assert same_class_pairs(assignments, labels) == pytest.approx(weight / total, abs=1e-12)
+    sampler = PrototypePairSampler(torch.from_numpy(assignments), 200)
+    hits, count = 0, 0
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for anchor, partner, same in batch:
+                if same:
+                    hits += int(labels[anchor] == labels[partner])
+                    count += 1
+    assert count > 10000
+    assert hits / count == pytest.approx(weight / total, abs=0.015)     # 4 standard errors
 
 # ---------------------------------------------------------------- k-means
 

@@ -295,6 +295,8 @@ def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototyp
         stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
         if rank == 0:
             stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
+            stats["same_class_pairs"] = cluster.same_class_pairs(assignments[:, 0].numpy(),
+                                                                 targets.numpy())
             if previous is not None and previous.shape == assignments.shape:
                 stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
     # k-means heads restart after every clustering; a ground-truth head starts once.
