@@ -1959,7 +1959,10 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(small_cifar, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py",
                              *_train_args(small_cifar, tmp_path, "--epochs", "50",
                                           "--train-subset", "128")],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A shell without job control starts background jobs with SIGINT
+                            # ignored (`pytest &`, nohup), and Python keeps it so: restore it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while (not os.path.exists(tmp_path / "checkpoint.pth") and time.time() < deadline
