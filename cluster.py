@@ -503,14 +503,7 @@ def nmi(a, b):
     I(a; b) / ((H(a) + H(b)) / 2), 1 for identical partitions up to renaming, 0 for
     independent ones; 1 as well when neither labeling splits the data.
     """
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"need two non-empty labelings of equal length, got {a.size} and {b.size}")
-    _, a = np.unique(a, return_inverse=True)
-    _, b = np.unique(b, return_inverse=True)
-    num_b = int(b.max()) + 1
-    # Joint counts from unique codes, never a dense [Ka, Kb] table (Ka = N for singletons).
-    codes, joint = np.unique(a.astype(np.int64) * num_b + b, return_counts=True)
+    a, b, row, col, joint = _contingency(a, b)
     p_ab = joint / a.size
     p_a = np.bincount(a) / a.size
     p_b = np.bincount(b) / a.size
@@ -518,9 +511,8 @@ def nmi(a, b):
     h_b = -(p_b * np.log(p_b)).sum()
     if h_a == 0 and h_b == 0:
         return 1.0
-    mutual = (p_ab * np.log(p_ab / (p_a[codes // num_b] * p_b[codes % num_b]))).sum()
+    mutual = (p_ab * np.log(p_ab / (p_a[row] * p_b[col]))).sum()
     return float(np.clip(mutual / ((h_a + h_b) / 2), 0.0, 1.0))
-
 
 
 def same_class_pairs(assignments, targets):
@@ -532,20 +524,29 @@ def same_class_pairs(assignments, targets):
     random pair of CIFAR-10 images shares its class with probability 0.1; ground-truth
     prototypes give 1. nan when no prototype holds two images.
     """
-    a, y = np.asarray(assignments).ravel(), np.asarray(targets).ravel()
-    if a.shape != y.shape or a.size == 0:
-        raise ValueError(f"need assignments and targets of equal length, got {a.size} and {y.size}")
-    _, a = np.unique(a, return_inverse=True)
-    _, y = np.unique(y, return_inverse=True)
+    a, _, row, _, joint = _contingency(assignments, targets)
     sizes = np.bincount(a).astype(np.float64)                            # n_k
-    codes, joint = np.unique(a.astype(np.int64) * (int(y.max()) + 1) + y, return_counts=True)
-    k = codes // (int(y.max()) + 1)
-    same = np.bincount(k, weights=joint * (joint - 1.0), minlength=len(sizes))   # ordered pairs
+    same = np.bincount(row, weights=joint * (joint - 1.0), minlength=len(sizes))  # ordered pairs
     paired = sizes > 1
     if not paired.any():
         return float("nan")
     share = same[paired] / (sizes[paired] * (sizes[paired] - 1))         # per prototype
     return float((sizes[paired] * share).sum() / sizes[paired].sum())
+
+
+def _contingency(a, b):
+    """The non-empty cells of the contingency table of two labelings [N]: (a and b renamed to
+    0..K-1, each cell's row and column, its count). From unique codes, never a dense [Ka, Kb]
+    table (Ka = N for singletons)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"need two non-empty labelings of equal length, got {a.size} and {b.size}")
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    num_b = int(b.max()) + 1
+    codes, joint = np.unique(a.astype(np.int64) * num_b + b, return_counts=True)
+    return a, b, codes // num_b, codes % num_b, joint
+
 
 @torch.no_grad()
 def knn_top1(train_features, train_targets, test_features, test_targets, k=200, temperature=0.1,

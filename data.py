@@ -502,13 +502,12 @@ class Views:
             g = (key if key is None or isinstance(key, torch.Generator)
                  else seeded_generator(*key, b))
             idx = torch.as_tensor(idx, dtype=torch.int64)
+            # uint8 to the device, made into views there, as the on-disk views (a quarter of the
+            # bytes of a float copy).
+            images = to_device(self.dataset.images[idx], self.device)           # B x H x W x 3
             if view == "eval":
-                # uint8 to the device, normalised there, as the on-disk views (a quarter of the
-                # bytes of a float copy).
-                images = to_device(self.dataset.images[idx], self.device)   # B x H x W x 3
                 x = [normalise(images.permute(0, 3, 1, 2), self.mean_std) for _ in range(copies)]
             else:
-                images = to_device(self.dataset.images[idx], self.device)        # B x H x W x 3
                 make = (self.augment if view == "simclr"
                         else (lambda im, gen: crop_flip(im, self.mean_std, gen)))
                 x = [make(images, g) for _ in range(copies)]                # B x 3 x S x S

@@ -570,7 +570,6 @@ def test_nmi_errors():
         nmi([], [])
 
 
-
 def test_same_class_pairs_against_every_pair_and_the_sampler():
     """The precision of Eq. 3's positives: from every unordered pair of each prototype, weighted
     by its size; and as the share of the sampler's same-prototype pairs that share a class."""
@@ -601,6 +600,7 @@ def test_same_class_pairs_against_every_pair_and_the_sampler():
                     count += 1
     assert count > 10000
     assert hits / count == pytest.approx(weight / total, abs=0.015)     # 4 standard errors
+
 
 # ---------------------------------------------------------------- k-means
 

@@ -294,11 +294,11 @@ def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototyp
     if args.prototypes == "kmeans":
         stats["cluster_seconds"] = time.time() - start + stats["feature_seconds"]
         if rank == 0:
-            stats["nmi_gt"] = cluster.nmi(assignments[:, 0].numpy(), targets.numpy())
-            stats["same_class_pairs"] = cluster.same_class_pairs(assignments[:, 0].numpy(),
-                                                                 targets.numpy())
+            first = assignments[:, 0].numpy()                    # the first K's partition
+            stats["nmi_gt"] = cluster.nmi(first, targets.numpy())
+            stats["same_class_pairs"] = cluster.same_class_pairs(first, targets.numpy())
             if previous is not None and previous.shape == assignments.shape:
-                stats["nmi_prev"] = cluster.nmi(assignments[:, 0].numpy(), previous[:, 0].numpy())
+                stats["nmi_prev"] = cluster.nmi(first, previous[:, 0].numpy())
     # k-means heads restart after every clustering; a ground-truth head starts once.
     if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
         run["proto_optimizer"] = restart_heads(args, epoch, model, ks, shard, assignments, world,
