@@ -144,15 +144,20 @@ def atomic_save(obj, path, keep_previous=False):
     os.replace(tmp, path)
 
 
-def end_job():
-    """Under torchrun with --max-restarts, a failure that a restart would only repeat (a
-    non-finite loss from the same checkpoint and flags) must end the job, not restart it: torchrun
-    restarts failed workers whatever their exit code, so local rank 0 of every node stops its
-    node's agent (the parent process) with SIGTERM, which ends the job with an error. Elsewhere
-    (one process, no restarts allowed) the caller's own exit is enough."""
+def end_job(program, message, master=True):
+    """Stop with a one-line error that a restart would only repeat (a non-finite loss from the
+    same checkpoint and flags). Under torchrun with --max-restarts that must end the job, not
+    restart it: torchrun restarts failed workers whatever their exit code, so local rank 0 of every
+    node stops its node's agent (the parent process) with SIGTERM, which ends the job with an
+    error. The message is written and flushed first, since the agent answers by terminating its
+    workers. Elsewhere (one process, no restarts allowed) the exit alone is enough."""
     if (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and os.environ.get("LOCAL_RANK", "0") == "0"):
+        if master:
+            print(f"{program}: error: {message}", file=sys.stderr, flush=True)
         os.kill(os.getppid(), signal.SIGTERM)
+        sys.exit(1)
+    fail(program, message, master)
 
 
 EXPECTED = ("expected train.py's checkpoint.pth or a state dict of tensors "

@@ -1500,6 +1500,32 @@ def test_a_non_finite_loss_under_torchrun_ends_the_job_without_restarts(small_ci
     assert output.count("train.py: error: non-finite loss at epoch 1 step 1/") == 1, output[-3000:]
 
 
+def test_end_job_writes_its_message_before_it_stops_the_agent(tmp_path):
+    # torchrun's agent answers the SIGTERM by killing its workers at once, so the error must be on
+    # stderr before the signal is sent. The stand-in agent below kills its worker on SIGTERM.
+    worker, agent = tmp_path / "worker.py", tmp_path / "agent.py"
+    worker.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport runtime\n"
+                      "runtime.end_job('train.py', 'it diverged')\n")
+    agent.write_text(
+        "import os, signal, subprocess, sys\n"
+        f"worker = subprocess.Popen([sys.executable, {str(worker)!r}])\n"
+        "def stop(*_):\n"
+        "    os.kill(worker.pid, signal.SIGKILL)\n"
+        "    print('agent: stopped', file=sys.stderr, flush=True)\n"
+        "    os._exit(3)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "sys.exit(worker.wait())\n")
+    env = dict(os.environ, TORCHELASTIC_MAX_RESTARTS="3", LOCAL_RANK="0")
+    result = subprocess.run([sys.executable, str(agent)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 3                     # the agent was stopped
+    assert result.stderr.splitlines() == ["train.py: error: it diverged", "agent: stopped"]
+    env.pop("TORCHELASTIC_MAX_RESTARTS")              # no restarts: the worker's exit is enough
+    result = subprocess.run([sys.executable, str(agent)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 1 and result.stderr == "train.py: error: it diverged\n"
+
+
 def test_scripts_import_library_modules_only():
     # The house rule: train.py, linear_eval.py and bench.py share library modules, never each other,
     # and the library modules never import a script.

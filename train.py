@@ -401,10 +401,9 @@ def stop_if_not_finite(rows, names, epoch, first, steps, rank):
     for j, values in enumerate(rows):
         if not all(math.isfinite(v) for v in values):
             named = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
-            runtime.end_job()
-            fail(f"non-finite loss at epoch {epoch + 1} step {first + j + 1}/{steps}: {named}; "
-                 f"the last good checkpoint is {progress['checkpoint']} (try a lower --lr)",
-                 rank == 0)
+            runtime.end_job("train.py", f"non-finite loss at epoch {epoch + 1} step "
+                            f"{first + j + 1}/{steps}: {named}; the last good checkpoint is "
+                            f"{progress['checkpoint']} (try a lower --lr)", rank == 0)
 
 
 @torch.no_grad()
