@@ -2353,7 +2353,7 @@ def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsy
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     epoch = {"epoch": 1, "knn_top1": 40.0, "sim_tp": 0.6, "sim_fn": 0.2, "images_seen": 512,
-             "epoch_seconds": 60.0}
+             "epoch_seconds": 60.0, "same_class_pairs": 0.3174}
     cached, augmented = {"mode": "cached", "top1": 45.0}, {"mode": "augmented", "top1": 41.0}
     _write_lines(tmp_path / "a" / "metrics.jsonl", [epoch])
     _write_lines(tmp_path / "a" / "linear_eval.jsonl",
@@ -2367,10 +2367,15 @@ def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsy
         f.write('{"mode": "cac')
     report.main(str(tmp_path))
     out, err = capsys.readouterr()
-    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in out.splitlines()
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines()
              if line.startswith("| ")}
-    assert table == {"row": ["kNN top-1", "linear top-1"], "a": ["40.00", "45.00"],
-                     "b": ["31.50", "30.00"]}
+    columns = table["row"]
+    assert columns[:2] == ["kNN top-1", "linear top-1"]
+    assert {name: cells[:2] for name, cells in table.items() if name != "row"} == {
+        "a": ["40.00", "45.00"], "b": ["31.50", "30.00"]}
+    same = columns.index("same-class pairs")
+    assert table["a"][same] == "0.317" and table["b"][same] == "-"      # b has no metrics.jsonl
+    assert table["a"][columns.index("train min")] == "1.00"
     assert err.splitlines() == [
         "report.py: skipped c: no linear_eval.py --cached result in its linear_eval.jsonl "
         "(only knn)",

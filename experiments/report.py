@@ -5,7 +5,8 @@
 A run folder holds metrics.jsonl (train.py), linear_eval.jsonl (linear_eval.py --out: "linear
 top-1" is its last --cached result, each mode read by name) and row.json (wall-clock, optional);
 the untrained-encoder row has knn.jsonl instead of metrics.jsonl. "kNN top-1" is the last epoch's
-kNN monitor, else the last linear_eval.py --knn result. Folders that are not finished rows are
+kNN monitor, else the last linear_eval.py --knn result; "same-class pairs" is the last epoch's
+share of same-prototype pairs whose two images share a class (cluster.same_class_pairs). Folders that are not finished rows are
 listed on stderr with the reason. RESULTS_FOLDER may also be one run folder. Rows whose names
 differ only in their _sN seed suffix are also summarised as mean and half-range.
 """
@@ -57,7 +58,8 @@ def load_row(folder):
     return {"knn_top1": last.get("knn_top1", knn_result["knn_top1"] if knn_result else None),
             "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"),
             "sim_fn": last.get("sim_fn"),
-            "nmi_gt": last.get("nmi_gt"), "loss_proto_last20": last.get("loss_proto_last20"),
+            "nmi_gt": last.get("nmi_gt"), "same_class_pairs": last.get("same_class_pairs"),
+            "loss_proto_last20": last.get("loss_proto_last20"),
             "images_seen": last.get("images_seen", 0),
             "train_minutes": sum(m["epoch_seconds"] for m in metrics) / 60 if metrics else None,
             "wall_minutes": (wall[-1]["wall_seconds"] / 60 if wall and wall[-1].get("wall_seconds")
@@ -84,13 +86,13 @@ def main(root):
     if not rows:
         sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's "
                  "metrics.jsonl and a linear_eval.py --cached result (--out that folder)")
-    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "loss_proto_last20",
-               "images_seen", "train_minutes", "wall_minutes"]
-    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | loss_proto (last 20) | "
-          "images seen | train min | wall min |")
+    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "same_class_pairs",
+               "loss_proto_last20", "images_seen", "train_minutes", "wall_minutes"]
+    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | same-class pairs | "
+          "loss_proto (last 20) | images seen | train min | wall min |")
     print("|---|" + "---|" * len(columns))
     for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(_fmt(row[c], 3 if c.startswith(("sim", "nmi")) else 2)
+        print(f"| {name} | " + " | ".join(_fmt(row[c], 3 if c.startswith(("sim", "nmi", "same")) else 2)
                                           for c in columns) + " |")
     groups = defaultdict(list)
     for name, row in rows.items():
