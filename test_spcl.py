@@ -2388,6 +2388,40 @@ def test_report_reads_each_mode_by_name_and_says_what_it_skipped(tmp_path, capsy
         report.main(str(tmp_path / "d"))
 
 
+def test_prototypes_script_scores_each_checkpoint_against_the_classes(small_cifar, tmp_path,
+                                                                        capsys):
+    spec = importlib.util.spec_from_file_location(
+        "prototypes", os.path.join(HERE, "experiments", "prototypes.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    labels = torch.as_tensor(data.load_dataset("cifar10", small_cifar, train=True).targets)
+    assert np.array_equal(script.train_targets("cifar10", small_cifar), labels.numpy())
+    rng = np.random.default_rng(0)
+    noisy = torch.where(torch.from_numpy(rng.random(len(labels)) < 0.5), labels,
+                        torch.from_numpy(rng.integers(0, 10, len(labels))))
+    runs = {"gt": labels, "noisy": noisy, "simclr": torch.arange(len(labels)),
+            "subset": labels[:100]}
+    for name, assignments in runs.items():
+        torch.save({"config": {"dataset": "cifar10"}, "epoch": 7,
+                    "assignments": assignments[:, None]}, tmp_path / f"{name}.pth")
+    script.main(["--data", small_cifar]
+                + [str(tmp_path / f"{name}.pth") for name in runs if name != "subset"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in capsys.readouterr().out
+            .splitlines()[2:]}
+    assert rows[str(tmp_path / "gt.pth")] == ["7", "10", "1.000", "1.000 |"]
+    assert rows[str(tmp_path / "simclr.pth")] == ["7", "-", "no prototypes (SimCLR)", "- |"]
+    # the noisy partition pair by pair: each prototype's share of same-class pairs, weighted by
+    # its size
+    shares = [sum(a == b for a, b in itertools.combinations(labels[noisy == k].tolist(), 2))
+              / math.comb(int((noisy == k).sum()), 2) for k in range(10)]
+    sizes = [int((noisy == k).sum()) for k in range(10)]
+    want = sum(s * n for s, n in zip(shares, sizes)) / sum(sizes)
+    assert rows[str(tmp_path / "noisy.pth")][3] == f"{want:.3f} |"
+    assert 0.15 < want < 0.9                           # neither random (0.1) nor the classes
+    with pytest.raises(SystemExit, match="100 assignments for 320 images; give the --data"):
+        script.main(["--data", small_cifar, str(tmp_path / "subset.pth")])
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
     with pytest.raises(SystemExit, match="^plot.py needs matplotlib, which requirements.txt leaves "
