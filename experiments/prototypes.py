@@ -23,8 +23,8 @@ import data     # noqa: E402
 def train_targets(name, root):
     """The class of every training image in train.py's order. A CIFAR ImageFolder tree is read
     for its labels only (train.py decodes every image, which takes half a minute here)."""
-    pickled = any(os.path.isdir(os.path.join(root, folder))
-                  for folder in ("cifar-10-batches-py", "cifar-100-python"))
+    pickled = any(os.path.isdir(os.path.join(root, cls.base_folder))      # as data.load_dataset
+                  for cls in (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100))
     folder = os.path.join(root, "train")
     if name in data.SMALL and not pickled and os.path.isdir(folder):
         return np.asarray(torchvision.datasets.ImageFolder(folder).targets)

@@ -92,8 +92,8 @@ def main(root):
     print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | same-class pairs | "
           "loss_proto (last 20) | images seen | train min | wall min |")
     print("|---|" + "---|" * len(columns))
+    digits = [3 if c.startswith(("sim", "nmi", "same")) else 2 for c in columns]
     for name, row in rows.items():
-        digits = [3 if c.startswith(("sim", "nmi", "same")) else 2 for c in columns]
         print(f"| {name} | " + " | ".join(_fmt(row[c], d) for c, d in zip(columns, digits)) + " |")
     groups = defaultdict(list)
     for name, row in rows.items():
