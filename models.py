@@ -68,18 +68,23 @@ class SPCLModel(nn.Module):
     """Encoder plus the SimCLR projection head, the Siamese metric head and the prototype heads.
 
     forward(x [B, 3, H, W]) -> (h [B, F], z [B, out_dim]); the heads are called by losses.spcl_loss.
+    heads_on: the features Eq. 3 and 4 read, "h" (the paper's Fig. 1 and the official code) or
+    "z", the projection (the heads then take out_dim inputs).
     """
 
-    def __init__(self, arch, cifar_stem, num_prototypes=(), out_dim=128):
+    def __init__(self, arch, cifar_stem, num_prototypes=(), out_dim=128, heads_on="h"):
         super().__init__()
+        if heads_on not in ("h", "z"):
+            raise ValueError(f"heads_on must be 'h' or 'z', got {heads_on!r}")
         self.encoder, F = build_encoder(arch, cifar_stem)
-        self.feature_dim = F
+        self.feature_dim, self.heads_on = F, heads_on
         # SimCLR's head as in the official code: Linear-BN-ReLU-Linear-BN.
         self.projector = nn.Sequential(nn.Linear(F, F, bias=False), nn.BatchNorm1d(F),
                                        nn.ReLU(inplace=True), nn.Linear(F, out_dim, bias=False),
                                        nn.BatchNorm1d(out_dim))
-        self.metric_head = nn.Linear(F, 1)
-        self.proto_heads = nn.ModuleList(nn.Linear(F, k) for k in num_prototypes)
+        head_in = F if heads_on == "h" else out_dim
+        self.metric_head = nn.Linear(head_in, 1)
+        self.proto_heads = nn.ModuleList(nn.Linear(head_in, k) for k in num_prototypes)
         self.reset_proto_heads()
 
     @torch.no_grad()
@@ -117,6 +122,8 @@ class TrainingStep(nn.Module):
         h, z = self.model(torch.cat([v1, v2]))             # 4P x F, 4P x 128: one pass, both views
         h1, h2 = h.float().chunk(2)
         z1, z2 = z.float().chunk(2)
+        if self.model.heads_on == "z":               # Eq. 3 and 4 on the projection instead
+            h1, h2 = z1, z2
         settings = dict(self.loss_settings)
         if not use_prototypes:
             settings.update(w_metric=0, w_proto=0)

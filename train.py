@@ -30,7 +30,7 @@ import data
 import runtime
 from lars import LARS
 from losses import CONTRAST_MODES
-from models import ARCHS, SPCLModel, TrainingStep
+from models import ARCHS, SPCLModel, TrainingStep, describe_keys
 from sampler import PrototypePairSampler
 
 # Defaults that differ by dataset; CIFAR's are the official code's (the paper's own were not given).
@@ -48,11 +48,17 @@ DATASET_DEFAULTS = {
 }
 # Format 2: the prototype heads have an optimiser of their own (format 1 had them inside LARS).
 CHECKPOINT_FORMAT = 2
-# A checkpoint is refused when one of these differs from the current run.
-STRUCTURAL = ("arch", "dataset", "image_size", "num_prototypes", "prototypes", "w_metric_on",
-              "w_proto_on")
-# These re-plan the learning-rate schedule: refused on resume unless --allow-schedule-change.
+# What a resume may change. These re-plan the learning-rate schedule: refused unless
+# --allow-schedule-change.
 SCHEDULE = ("epochs", "batch_size", "lr", "warmup_epochs", "train_subset")
+# These change how a run is carried out, not what it trains: free, and not recorded.
+OPERATIONAL = ("out", "data", "download", "workers", "stop_after", "save_every", "log_every",
+               "timeout", "knn_every", "allow_schedule_change", "fork_from")
+# Every other flag is refused with what differs, except in a fork (--fork-from: a branch from a
+# checkpoint whose prototypes had not started), which may change all but the network.
+NETWORK = ("arch", "dataset", "image_size")
+# Values of flags that older checkpoints lack.
+OLDER = {"heads_on": "h", "renew_gt_head": False}
 # Where training stands, for the one line that Ctrl-C ends with (the end of this file).
 progress = {"epoch": None, "epochs": None, "step": None, "steps": None, "checkpoint": None,
             "saved_epoch": 0, "saved_step": 0}
@@ -96,6 +102,12 @@ def get_args(argv=None):
                         "cluster's mean feature")
     p.add_argument("--prototypes", choices=("kmeans", "gt"), default="kmeans",
                    help="k-means clusters, or the ground-truth classes (Table 2's SPCL (GT))")
+    p.add_argument("--renew-gt-head", action="store_true",
+                   help="with --prototypes gt, re-draw the head every epoch as k-means heads are "
+                        "(a control matched to the k-means rows); default: made once")
+    p.add_argument("--heads-on", choices=("h", "z"), default="h",
+                   help="the features Eq. 3 and 4 read: h, the encoder's (the paper and the "
+                        "official code), or z, the projection's")
     p.add_argument("--num-prototypes",
                    help="K, or a comma list for several clusterings (one head each)")
     p.add_argument("--p-same", type=float, default=0.5,
@@ -126,6 +138,10 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=20,
                    help="read the losses from the device every N steps (progress bar, NaN check); "
                         "the steps between never wait for the device")
+    p.add_argument("--fork-from", metavar="CHECKPOINT",
+                   help="start --out from this train.py checkpoint, taken after an epoch in which "
+                        "the prototypes had not started (e.g. a SimCLR run's), with other loss and "
+                        "prototype flags: branches that share their first epochs")
     p.add_argument("--allow-schedule-change", action="store_true",
                    help="resume although --epochs, --lr, --batch-size, --warmup-epochs or "
                         "--train-subset differ from the checkpoint's (the lr schedule is "
@@ -169,8 +185,12 @@ def check_args(args, world):
         (not args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
         (not args.head_lr > 0, f"--head-lr must be > 0, got {args.head_lr}"),
         (not args.jitter >= 0, f"--jitter must be >= 0, got {args.jitter}"),
-        (args.head_init == "centroids" and (args.prototypes != "kmeans" or not args.w_proto),
-         "--head-init centroids needs k-means prototypes and a prototype head (--w-proto > 0)"),
+        (args.head_init == "centroids" and (args.prototypes != "kmeans" or not args.w_proto
+                                            or args.heads_on != "h"),
+         "--head-init centroids needs k-means prototypes, a prototype head (--w-proto > 0) and "
+         "--heads-on h (the centroids are encoder features)"),
+        (args.renew_gt_head and args.prototypes != "gt",
+         "--renew-gt-head is for --prototypes gt (k-means heads are always re-drawn)"),
         (not args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (not args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
         (not min(args.w_con, args.w_metric, args.w_proto) >= 0,
@@ -300,7 +320,8 @@ def epoch_prototypes(args, epoch, run, ks, targets, bank, previous, use_prototyp
             if previous is not None and previous.shape == assignments.shape:
                 stats["nmi_prev"] = cluster.nmi(first, previous[:, 0].numpy())
     # k-means heads restart after every clustering; a ground-truth head starts once.
-    if args.w_proto and (args.prototypes == "kmeans" or epoch == args.proto_start_epoch):
+    if args.w_proto and (args.prototypes == "kmeans" or args.renew_gt_head
+                         or epoch == args.proto_start_epoch):
         run["proto_optimizer"] = restart_heads(args, epoch, model, ks, shard, assignments, world,
                                                device)
     return assignments, stats
@@ -409,25 +430,32 @@ def stop_if_not_finite(rows, names, epoch, first, steps, rank):
 @torch.no_grad()
 def similarity_probe(model, views, targets, device, size=2048):
     """The TP / FN / TN similarities of the paper's Fig. 2b, measured the same way for every
-    method: the mean cosine similarity in projection space between the two views of an image
-    (true positives), of two images of one class (false negatives) and of two classes (true
-    negatives), over a fixed set of training images with fixed views (the same every epoch), in
-    eval mode. A kind of pair that the set lacks (two classes in a one-class dataset) gives None."""
+    method: the mean cosine similarity between the two views of an image (true positives), of two
+    images of one class (false negatives) and of two classes (true negatives), over a fixed set of
+    training images with fixed views (the same every epoch), in eval mode; in projection space z
+    (sim_tp, ...), as the paper, and on the encoder features h that Eq. 3-4 and the linear probe
+    read (sim_tp_h, ...). A kind of pair that the set lacks (two classes in a one-class dataset)
+    gives None."""
     g = torch.Generator().manual_seed(4321)
     idx = torch.randperm(len(targets), generator=g)[:size].sort().values
     targets = targets[idx].to(device)
     model.eval()
     (x1, x2), _, _ = next(iter(views.batches([idx], "simclr", key=g, copies=2)))
-    z1, z2 = (F.normalize(torch.cat([model(v.contiguous(memory_format=torch.channels_last))[1]
-                                     .float() for v in x.split(512)]), dim=1)
-              for x in (x1, x2))                                                # M x 128 each
+    outputs = [[model(v.contiguous(memory_format=torch.channels_last)) for v in x.split(512)]
+               for x in (x1, x2)]
     model.train()
-    sim = z1 @ z2.T                                                # M x M: view 1 of i, view 2 of j
     same_class = targets[:, None] == targets[None, :]
     other = ~torch.eye(len(idx), dtype=torch.bool, device=device)
     mean = lambda x: x.mean().item() if x.numel() else None      # None (JSON null): no such pair
-    return {"sim_tp": mean(sim.diagonal()), "sim_fn": mean(sim[same_class & other]),
-            "sim_tn": mean(sim[~same_class])}
+    stats = {}
+    for which, suffix in ((1, ""), (0, "_h")):                    # z, then h
+        a, b = (F.normalize(torch.cat([out[which] for out in view]).float(), dim=1)
+                for view in outputs)                               # M x D each
+        sim = a @ b.T                                              # M x M: view 1 of i, 2 of j
+        stats.update({f"sim_tp{suffix}": mean(sim.diagonal()),
+                      f"sim_fn{suffix}": mean(sim[same_class & other]),
+                      f"sim_tn{suffix}": mean(sim[~same_class])})
+    return stats
 
 
 def monitor(args, epoch, model, views, test_views, targets, test_targets, num_classes, rank,
@@ -460,10 +488,9 @@ def schedule_changes(saved, config):
             if saved.get(k) != config[k]]
 
 
-def load_checkpoint(path, config, master):
+def read_train_checkpoint(path, master):
     """train.py's checkpoint at path, or a one-line stop (the file is never overwritten) when it is
-    unreadable, not a train.py checkpoint, of another configuration (STRUCTURAL, those in config),
-    or of another schedule (SCHEDULE) without --allow-schedule-change."""
+    unreadable, not a train.py checkpoint, or of an older format."""
     try:
         ckpt = runtime.read_checkpoint(path)
     except ValueError as e:
@@ -478,18 +505,76 @@ def load_checkpoint(path, config, master):
         fail(f"{path} was written by an older train.py (format {ckpt.get('format', 1)}, "
              "prototype heads inside LARS), whose optimiser state does not fit this one "
              f"(format {CHECKPOINT_FORMAT}); use another --out", master)
-    saved = {k: ckpt["config"].get(k) for k in STRUCTURAL}
-    differs = [f"{k}: checkpoint {saved[k]!r}, now {config[k]!r}" for k in STRUCTURAL
-               if k in config and saved[k] != config[k]]
+    ckpt["config"] = {**OLDER, **ckpt["config"]}
+    return ckpt
+
+
+def load_checkpoint(path, config, master):
+    """train.py's checkpoint at path (read_train_checkpoint), or a one-line stop when it is of
+    another configuration (any flag but OPERATIONAL and SCHEDULE) or of another schedule
+    (SCHEDULE) without --allow-schedule-change."""
+    ckpt = read_train_checkpoint(path, master)
+    check_config(path, ckpt["config"], config,
+                 [k for k in config if k not in OPERATIONAL + SCHEDULE], master)
+    return ckpt
+
+
+def check_config(path, saved, config, keys, master):
+    """Stop with one line when one of keys (those in config) differs between a checkpoint's config
+    and this run's, or when the schedule does without --allow-schedule-change."""
+    differs = [f"{k}: checkpoint {saved.get(k)!r}, now {config[k]!r}" for k in keys
+               if k in config and saved.get(k) != config[k]]
     if differs:
         fail(f"{path} was trained with another configuration ({'; '.join(differs)}); "
              "use another --out or the same flags", master)
-    changes = schedule_changes(ckpt["config"], config)
+    changes = schedule_changes(saved, config)
     if changes and not config["allow_schedule_change"]:
         fail(f"{path} was trained on another learning-rate schedule ({', '.join(changes)}); "
              "resume with the checkpoint's flags, or add --allow-schedule-change to re-plan the "
              "schedule from here", master)
+
+
+def fork_point(args, config, master):
+    """--fork-from: the checkpoint a branch starts from, which may differ from this run in its
+    loss and prototype flags (K, the prototype terms switched on, --w-con, --contrast, ...), and
+    only in those. That is safe because the prototypes had not started when it was written: what
+    it holds (encoder and projection weights, their LARS state, the schedule's position, the
+    random states) does not depend on the prototype configuration, its heads had no gradient yet,
+    and its pairs were uniformly random. The branch makes its own heads (the metric head as at
+    the start of a run, the prototype heads at its first clustering), so it equals a run that had
+    its flags from the start, as long as the epochs before were trained alike (a SimCLR trunk
+    with --contrast per-side for SPCL's warm-up epochs; tested). A one-line stop otherwise."""
+    path = args.fork_from
+    ckpt = read_train_checkpoint(path, master)
+    saved, epoch = ckpt["config"], ckpt["epoch"]
+    check_config(path, saved, config, NETWORK, master)
+    if ckpt.get("partial"):
+        fail(f"--fork-from {path} was written inside epoch {epoch + 1}: fork from a checkpoint "
+             "written at the end of an epoch", master)
+    if (saved["w_metric_on"] or saved["w_proto_on"]) and epoch > saved["proto_start_epoch"]:
+        fail(f"--fork-from {path} trained with prototypes from epoch "
+             f"{saved['proto_start_epoch'] + 1}: a branch starts from a checkpoint whose "
+             "prototypes have not started (a SimCLR run's, or one from before "
+             "--proto-start-epoch)", master)
+    if uses_prototypes(args) and args.proto_start_epoch < epoch:
+        fail(f"--fork-from {path} holds {epoch} epochs without prototypes: give "
+             f"--proto-start-epoch {epoch} (or later)", master)
     return ckpt
+
+
+def copy_metrics(source, path, epochs):
+    """A fork's metrics.jsonl: the lines of the first `epochs` epochs of source, when it exists."""
+    if not os.path.exists(source):
+        return
+    def epoch(line):
+        try:
+            return json.loads(line)["epoch"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return math.inf                            # a torn or foreign line: left out
+    with open(source) as f:
+        lines = [line for line in f if epoch(line) <= epochs]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def trim_metrics(path, epochs_done, master):
@@ -568,12 +653,13 @@ def load_data(args, world, master):
     return train_set, test_set
 
 
-def prototype_numbers(args, config, ckpt, num_classes, N, master):
+def prototype_numbers(args, config, ckpt, forked, num_classes, N, master):
     """The K of each prototype head: --num-prototypes, or the number of classes with
     --prototypes gt."""
     ks = config["num_prototypes"] = ([num_classes] if args.prototypes == "gt"
                                      else prototype_counts(args.num_prototypes))
-    if args.prototypes == "gt" and ckpt and ckpt["config"].get("num_prototypes") != ks:
+    if (args.prototypes == "gt" and ckpt and not forked
+            and ckpt["config"].get("num_prototypes") != ks):
         fail(f"{progress['checkpoint']} was trained with another configuration (num_prototypes: "
              f"checkpoint {ckpt['config'].get('num_prototypes')!r}, now {ks!r}); use another "
              "--out or the same flags", master)
@@ -591,7 +677,7 @@ def build(args, ks, N, rank, world, device):
     the fp16 loss scaler, and the schedule: the training state that main() passes around."""
     cuda = device.type == "cuda"
     model = SPCLModel(args.arch, cifar_stem=args.image_size <= 64,
-                      num_prototypes=ks if args.w_proto else ())
+                      num_prototypes=ks if args.w_proto else (), heads_on=args.heads_on)
     if not args.w_metric:
         model.metric_head = None
     if world > 1 and cuda:
@@ -626,13 +712,46 @@ def build(args, ks, N, rank, world, device):
             "warmup_steps": round(args.warmup_epochs * len(sampler))}
 
 
-def restore(args, run, ckpt, config, rank, master):
-    """Load a checkpoint into the training state. Returns the k-means assignments of its last
-    epoch (for nmi_prev), or None when it had none."""
-    run["model"].load_state_dict(ckpt["model"])
-    run["optimizer"].load_state_dict(ckpt["optimizer"])
-    if run["proto_optimizer"] is not None:
-        run["proto_optimizer"].load_state_dict(ckpt["proto_optimizer"])
+HEADS = ("metric_head.", "proto_heads.")
+
+
+def lars_names(model):
+    """The names of the parameters LARS trains, in its order: all but the prototype heads."""
+    return [n for n, _ in model.named_parameters() if not n.startswith("proto_heads.")]
+
+
+def load_forked(run, ckpt, master):
+    """A fork's start (fork_point): the checkpoint's network without its heads, the LARS state of
+    the parameters both runs have (matched by name), no head optimiser (made at the first
+    clustering)."""
+    model = run["model"]
+    missing, _ = model.load_state_dict({k: v for k, v in ckpt["model"].items()
+                                        if not k.startswith(HEADS)}, strict=False)
+    if [k for k in missing if not k.startswith(HEADS)]:
+        fail(f"--fork-from: the checkpoint lacks {describe_keys(missing)}", master)
+    saved, names = ckpt.get("lars_params"), lars_names(model)
+    if saved is None:                  # older checkpoints: only when both trained the same list
+        if len(ckpt["optimizer"]["param_groups"][0]["params"]) != len(names):
+            fail("--fork-from: the checkpoint predates the names of its LARS parameters and "
+                 "trained other heads; fork from a checkpoint of this train.py", master)
+        saved = names
+    index = {name: i for i, name in enumerate(saved)}
+    group = dict(ckpt["optimizer"]["param_groups"][0], params=list(range(len(names))))
+    state = {i: ckpt["optimizer"]["state"][index[n]] for i, n in enumerate(names)
+             if n in index and index[n] in ckpt["optimizer"]["state"]}
+    run["optimizer"].load_state_dict({"state": state, "param_groups": [group]})
+
+
+def restore(args, run, ckpt, config, forked, rank, master):
+    """Load a checkpoint into the training state (a fork's through load_forked). Returns the
+    k-means assignments of its last epoch (for nmi_prev), or None when it had none."""
+    if forked:
+        load_forked(run, ckpt, master)
+    else:
+        run["model"].load_state_dict(ckpt["model"])
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
+        if run["proto_optimizer"] is not None:
+            run["proto_optimizer"].load_state_dict(ckpt["proto_optimizer"])
     if ckpt["scaler"]:        # empty when saved without fp16 loss scaling (CPU, bf16 GPUs)
         run["scaler"].load_state_dict(ckpt["scaler"])
     # Training draws its randomness from generators seeded by (seed, stream, epoch, rank, ...);
@@ -644,15 +763,19 @@ def restore(args, run, ckpt, config, rank, master):
     elif master and torch.is_tensor(states):
         torch.set_rng_state(states)
     start_epoch, partial = ckpt["epoch"], ckpt.get("partial")
+    # The flags this run changes, recorded with the epoch they take effect from: the checkpoint's
+    # config is the latest run's, and its changes give every earlier epoch's.
+    changed = {k: [ckpt["config"].get(k), v] for k, v in config.items()
+               if k not in OPERATIONAL and ckpt["config"].get(k) != v}
+    run["changes"] = ckpt.get("changes", []) + (
+        [{"epoch": start_epoch + 1, "flags": changed}] if changed else [])
     if master:
-        changed = [f"{k} {ckpt['config'].get(k)} -> {v}" for k, v in config.items()
-                   if k not in STRUCTURAL + SCHEDULE and ckpt["config"].get(k) != v
-                   and k not in ("out", "workers", "stop_after", "allow_schedule_change",
-                                 "save_every", "log_every", "timeout")]
         where = (f"at step {partial['step']} of epoch {start_epoch + 1}" if partial
                  else f"after epoch {start_epoch}")
-        print(f"resumed from {progress['checkpoint']} {where} of {args.epochs}"
-              + (f"; changed since: {', '.join(changed)}" if changed else ""))
+        print(f"{'forked from ' + args.fork_from if forked else 'resumed from ' + progress['checkpoint']}"
+              f" {where} of {args.epochs}"
+              + (f"; changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}"
+                 if changed else ""))
         rescheduled = schedule_changes(ckpt["config"], config)
         if rescheduled:
             now = runtime.cosine_lr(start_epoch * len(run["sampler"]), run["total_steps"],
@@ -660,7 +783,7 @@ def restore(args, run, ckpt, config, rank, master):
             print(f"warning: the learning-rate schedule is re-planned ({', '.join(rescheduled)}): "
                   f"the lr goes from {ckpt['optimizer']['param_groups'][0]['lr']:.4g} at the "
                   f"checkpoint's last step to {now:.4g} now")
-    if uses_prototypes(args) and start_epoch > ckpt["config"].get("proto_start_epoch", 0):
+    if not forked and uses_prototypes(args) and start_epoch > ckpt["config"]["proto_start_epoch"]:
         return ckpt["assignments"]        # else the SimCLR epochs' singletons: no clustering
     return None
 
@@ -686,7 +809,9 @@ def save(args, run, epoch, assignments, stats, config, world, master, partial=No
                                              if run["proto_optimizer"] else None),
                          "scaler": run["scaler"].state_dict(),
                          "epoch": epoch + 1 if partial is None else epoch, "partial": partial,
-                         "assignments": assignments, "rng": {"cpu": rng}, "config": config},
+                         "assignments": assignments, "rng": {"cpu": rng}, "config": config,
+                         "changes": run.get("changes", []),
+                         "lars_params": lars_names(run["model"])},
                         progress["checkpoint"], keep_previous=True)
     progress.update(saved_epoch=epoch + 1 if partial is None else epoch,
                     saved_step=partial["step"] if partial else 0)
@@ -718,6 +843,12 @@ def main(argv=None):
     if args.prototypes == "gt":
         del config["num_prototypes"]          # one per class: known once the data is loaded
     ckpt = resume_point(args, config, world, device, master)
+    forked = ckpt is None and bool(args.fork_from)
+    if forked:
+        ckpt = fork_point(args, config, master)
+        if master:
+            copy_metrics(os.path.join(os.path.dirname(args.fork_from), "metrics.jsonl"),
+                         os.path.join(args.out, "metrics.jsonl"), ckpt["epoch"])
     start_epoch = progress["saved_epoch"] = ckpt["epoch"] if ckpt else 0
     progress["saved_step"] = ckpt["partial"]["step"] if ckpt and ckpt.get("partial") else 0
     if start_epoch >= args.epochs:
@@ -734,7 +865,7 @@ def main(argv=None):
     # ---- data, model, optimisers ------------------------------------------------------------
     train_set, test_set = load_data(args, world, master)
     targets, num_classes = torch.as_tensor(train_set.targets), len(train_set.classes)
-    ks = prototype_numbers(args, config, ckpt, num_classes, len(targets), master)
+    ks = prototype_numbers(args, config, ckpt, forked, num_classes, len(targets), master)
     run = build(args, ks, len(targets), rank, world, device)
     mean_std = data.MEAN_STD.get(args.dataset, data.MEAN_STD["imagenet"])
     run["views"] = data.Views(train_set, args.image_size, mean_std, args.jitter, args.workers,
@@ -748,7 +879,7 @@ def main(argv=None):
         print(f"{args.arch}: {n_params / 1e6:.2f}M parameters, {n_scaled / 1e6:.2f}M with weight "
               f"decay and trust ratio; {len(targets)} images, world size {world}, device {device}, "
               f"AMP {amp_dtype}")
-    previous = restore(args, run, ckpt, config, rank, master) if ckpt else None
+    previous = restore(args, run, ckpt, config, forked, rank, master) if ckpt else None
     progress["steps"] = len(run["sampler"])
 
     # ---- the algorithm: per epoch, prototypes, one epoch of Eq. 5, monitor, checkpoint ------
