@@ -1,11 +1,9 @@
-"""Prototypes (paper Sec. 3.2): k-means on encoder features at the start of every epoch; and the
-kNN monitor, which reads the same features.
+"""Prototypes (paper Sec. 3.2): k-means on the encoder features of every training image, at the
+start of every epoch.
 
     shard = split_shard(encoder, views, N, rank, world, device)       # this rank's rows
     assignments, stats = distributed_kmeans(shard.features, [K], N, indices=shard.indices,
                                             seed=seed + epoch, device=device)  # [N, 1], all ranks
-    features, targets = gather_features(shard, N, device)             # [N, F] on rank 0
-    top1 = knn_top1(features, targets, test_features, test_targets)   # rank 0
 
 Every rank keeps the features of its own share of the images (`Shard`, fp16: 0.66 GB a rank for
 ImageNet with a ResNet-50 on 8 ranks). The clustering is DeepCluster's and the official code's
@@ -13,13 +11,9 @@ ImageNet with a ResNet-50 on 8 ranks). The clustering is DeepCluster's and the o
 centroids) without [N, F] on any process: the ranks all-reduce the mean and the covariance,
 rank 0's whitening is broadcast, each rank projects its own rows, and only the [N, 256] float16
 rows travel to rank 0 (0.66 GB), which runs k-means on every core of the node (or its GPU) and
-broadcasts the assignments. Only the kNN monitor gathers [N, F] onto rank 0. `nmi` measures
-the partition against the labels or the previous epoch, `same_class_pairs` the share of
-same-prototype pairs that share a class.
+broadcasts the assignments. `centroid_heads` makes prototype heads from the clusters' means.
 """
 
-import math
-import os
 import time
 from typing import NamedTuple
 
@@ -30,17 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-
-
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _chunk_rows(row_bytes, budget=1 << 27):
-    """Rows per chunk of work, so that a chunk's temporaries stay near budget bytes (128 MiB)."""
-    return max(1, budget // max(1, row_bytes))
+import runtime
 
 
 class Shard(NamedTuple):
@@ -54,23 +38,13 @@ class Shard(NamedTuple):
 @torch.no_grad()
 def shard_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
                    amp_dtype=None):
-    """Collective: encoder features of the images this rank draws; each image kept by one rank.
-
-    Args:
-        encoder: images [B, 3, H, W] -> features [B, F]. Used as given: put it in eval mode
-            first if BatchNorm statistics must not move.
-        loader: yields (images, targets, indices), indices being dataset indices: this rank's
-            share in any order and any number of batches, e.g. a DistributedSampler's. An index
-            drawn more than once (its padding) is kept once, by the lowest rank that drew it.
-        num_samples: N, the dataset size; every index in [0, N) must be drawn by some rank.
-        device: where the encoder runs, and where the collective runs (NCCL needs CUDA).
-        storage_dtype: dtype of the kept features; fp16 halves the memory.
-        amp_dtype: run the encoder under torch.autocast in this dtype (the training one), or
-            in full precision when None.
-
-    Returns a Shard (features [n, F] CPU storage_dtype), rows in the order drawn. An index
-    outside [0, N), or one that no rank drew, raises on every rank.
-    """
+    """Collective: encoder features of the images this rank draws, each image kept by one rank.
+    encoder [B, 3, H, W] -> [B, F], used as given (eval mode is the caller's); loader yields
+    (images, targets, dataset indices), this rank's share in any order (an index drawn twice, as
+    DistributedSampler pads, is kept once, by the lowest rank); every index in [0, N) must be
+    drawn by some rank, or every rank raises. device: the encoder's and the collective's (NCCL
+    needs CUDA); amp_dtype: autocast's, or None. Returns a Shard (features [n, F] CPU,
+    storage_dtype; fp16 halves the memory), rows in the order drawn."""
     device = torch.device(device)
     parts = []
     for images, batch_targets, indices in loader:
@@ -85,103 +59,10 @@ def shard_features(encoder, loader, num_samples, device, storage_dtype=torch.flo
         features = torch.empty(0, 0, dtype=storage_dtype)
         indices = targets = torch.empty(0, dtype=torch.int64)
     parts.clear()
-    keep = _owned(indices, num_samples, device)
+    keep = runtime.owned(indices, num_samples, device)
     if not keep.all():
         features, indices, targets = features[keep], indices[keep], targets[keep]
     return Shard(features, indices, targets)
-
-
-def _owned(indices, num_samples, device):
-    """Collective: the mask [n] of this rank's indices that it keeps: the first of its repeats,
-    unless a lower rank drew the index too. Raises on every rank when an index anywhere lies
-    outside [0, N) or when one was drawn by no rank."""
-    rank, world_size = _dist_info()
-    bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
-    # Each index's lowest rank that drew it (world_size: none did); slot N flags a bad index.
-    owner = torch.full((num_samples + 1,), world_size, dtype=torch.int32)
-    if bad:
-        owner[num_samples] = rank
-    else:
-        owner[indices] = rank
-    if world_size > 1:
-        owner = owner.to(device)
-        dist.all_reduce(owner, op=dist.ReduceOp.MIN)
-        owner = owner.cpu()
-    if owner[num_samples] < world_size:
-        raise _index_error(indices if bad else None, num_samples)
-    missing = int((owner[:num_samples] == world_size).sum())
-    if missing:
-        raise RuntimeError(f"{missing} of {num_samples} dataset indices never came out "
-                           "of the loader")
-    order = torch.argsort(indices, stable=True)
-    ordered = indices[order]
-    first = torch.ones(len(indices), dtype=torch.bool)
-    first[order[1:]] = ordered[1:] != ordered[:-1]
-    return first & (owner[indices] == rank)
-
-
-@torch.no_grad()
-def gather_rows(rows, indices, num_samples, device, dtype=None, step_bytes=1 << 26):
-    """Collective: every rank's rows [n, D] put in dataset-index order on rank 0.
-
-    indices [n] are the rows' dataset indices; over the ranks, every index in [0, N) once (a
-    Shard's). The rows travel in steps of about step_bytes over all ranks (64 MiB), so that
-    rank 0 holds the output and one step, never a second [N, D]. Returns [N, D] CPU in dtype
-    (default the rows') on rank 0, None on the other ranks.
-    """
-    rank, world_size = _dist_info()
-    dtype = dtype or rows.dtype
-    if world_size == 1:
-        if dtype == rows.dtype and torch.equal(indices, torch.arange(len(rows))):
-            return rows
-        sizes = torch.tensor([len(rows), rows.shape[1]])
-    else:
-        # A rank may hold no rows at all ([0, 0]): the width comes from the others.
-        sizes = torch.tensor([len(rows), rows.shape[1]], device=device)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    most, width = (int(s) for s in sizes)
-    rows = rows.reshape(-1, width)
-    per_step = _chunk_rows(world_size * width * rows.element_size(), step_bytes)
-    out = torch.empty(num_samples, width, dtype=dtype) if rank == 0 else None
-    for start in range(0, most, per_step):
-        part, part_indices = rows[start:start + per_step], indices[start:start + per_step]
-        if world_size > 1:
-            pad = per_step - len(part)  # gather needs equal shapes; padded rows have index -1
-            part = F.pad(part.to(device), (0, 0, 0, pad))
-            part_indices = F.pad(part_indices.to(device), (0, pad), value=-1)
-            parts = [torch.empty_like(part) for _ in range(world_size)] if rank == 0 else None
-            index_parts = ([torch.empty_like(part_indices) for _ in range(world_size)]
-                           if rank == 0 else None)
-            dist.gather(part, parts, dst=0)
-            dist.gather(part_indices, index_parts, dst=0)
-            if rank != 0:
-                continue
-        else:
-            parts, index_parts = [part], [part_indices]
-        for part, part_indices in zip(parts, index_parts):
-            part, part_indices = part.cpu(), part_indices.cpu()
-            real = part_indices >= 0
-            out[part_indices[real]] = part[real].to(dtype)
-    return out
-
-
-def gather_features(shard, num_samples, device):
-    """Collective: the ranks' shards as one bank on rank 0, (features [N, F], targets [N]) in
-    dataset-index order; (None, None) on the other ranks."""
-    features = gather_rows(shard.features, shard.indices, num_samples, device)
-    targets = gather_rows(shard.targets[:, None], shard.indices, num_samples, device)
-    return (features, targets[:, 0]) if features is not None else (None, None)
-
-
-def extract_features(encoder, loader, num_samples, device, storage_dtype=torch.float16,
-                     amp_dtype=None):
-    """Collective: shard_features, gathered on rank 0 (the arguments are shard_features's).
-
-    Returns, on rank 0, (features [N, F] CPU storage_dtype, targets [N] CPU int64) in
-    dataset-index order; (None, None) on the other ranks.
-    """
-    shard = shard_features(encoder, loader, num_samples, device, storage_dtype, amp_dtype)
-    return gather_features(shard, num_samples, device)
 
 
 def split_shard(encoder, views, n, rank, world, device, amp_dtype=None, view="eval", key=None):
@@ -192,47 +73,21 @@ def split_shard(encoder, views, n, rank, world, device, amp_dtype=None, view="ev
     return shard_features(encoder, batches, n, device, amp_dtype=amp_dtype)
 
 
-def split_features(encoder, views, n, rank, world, device, amp_dtype=None, view="eval", key=None):
-    """Collective: split_shard gathered on rank 0. Returns (features [n, F] float16, targets
-    [n]) on rank 0, (None, None) elsewhere."""
-    shard = split_shard(encoder, views, n, rank, world, device, amp_dtype, view, key)
-    return gather_features(shard, n, device)
-
-
-def _index_error(indices, num_samples):
-    """The ValueError for dataset indices outside [0, N); indices None:
-    they were on another rank."""
-    got = ("others on another rank" if indices is None
-           else f"{int(indices.min())}..{int(indices.max())}")
-    return ValueError(f"dataset indices must lie in [0, {num_samples}), got {got}")
-
-
 @torch.no_grad()
 def pca_whitening(features, dim, group=None, device="cpu"):
     """The PCA-whitening of features [n, F] (DeepCluster's, Sec. 3.2): (mean [F], projection
     [F, d]) float32 on device, such that (x - mean) @ projection has unit variance along each of
-    the top d = min(dim, F, N - 1) principal directions (N centred points span N - 1 of them).
-
-    Collective over `group` when one is given: every rank passes its own rows, the moments are
-    all-reduced, and rank 0's eigendecomposition is broadcast, so that the ranks project with
-    bit-identical matrices (eigenvectors are defined up to sign: two LAPACK builds on two nodes
-    may pick different ones). No group: these rows alone.
-
-    The moments are float64 and centred in a second pass (sum x, then sum (x - mean)(x - mean)^T):
-    exact zeros for identical rows, no cancellation where the mean dwarfs the spread, as in ReLU
-    features. faiss.PCAMatrix, which this replaces, sums x x^T - N mean mean^T in float32 and
-    skips the division by N, a scale that the whitening and L2 normalisation remove. Whitening
-    divides by sqrt(eigenvalue); directions of (numerically) zero variance, e.g. when N < F or
-    units are dead, would blow round-off up to unit scale, so the eigenvalues are floored at 1e-4
-    of the top one (such a direction keeps 0.1 of its scale at most).
-
-    Raises the same ValueError on every rank when the features hold NaN or infinite values, or
-    are all identical. dim 0: no whitening, (None, None), after the first check alone.
-    """
+    the top d = min(dim, F, N - 1) principal directions. Collective over `group` when one is
+    given: the ranks' moments are all-reduced and rank 0's eigenvectors broadcast (they are
+    defined up to sign: two LAPACK builds may pick different ones). The moments are float64 and
+    centred in a second pass: no cancellation where the mean dwarfs the spread, as in ReLU
+    features. Eigenvalues are floored at 1e-4 of the top one, so that directions of no variance
+    (N < F, dead units) do not blow round-off up to unit scale. A ValueError on every rank for
+    NaN, infinite or identical features. dim 0: no whitening, (None, None)."""
     device = torch.device(device)
     features = torch.as_tensor(features)
     width = features.shape[1]
-    step = _chunk_rows(width * 8)
+    step = runtime.chunk_rows(width * 8)
     chunks = lambda: (features[i:i + step].to(device, torch.float64, copy=True)
                       for i in range(0, len(features), step))
     moment = torch.zeros(width + 1, dtype=torch.float64, device=device)     # [sum x, n]
@@ -277,7 +132,7 @@ def whiten(features, mean, projection, dtype=torch.float32, device="cpu"):
     features = torch.as_tensor(features)
     width = features.shape[1] if projection is None else projection.shape[1]
     out = torch.empty(len(features), width, dtype=dtype)
-    step = _chunk_rows(features.shape[1] * 4)
+    step = runtime.chunk_rows(features.shape[1] * 4)
     for start in range(0, len(features), step):
         x = features[start:start + step].to(device, torch.float32)
         if projection is not None:
@@ -297,166 +152,171 @@ def _check_ks(ks, num_samples):
     return ks
 
 
-def node_threads():
-    """The CPU cores this process may run on: all of the node's unless a launcher pinned it."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, device=None, backend=None):
+    """k-means prototypes of features [N, D] (tensor or array, any float dtype), as DeepCluster:
+    PCA-whitening to pca_dim dims (0 skips it), L2 normalisation, `niter` Lloyd iterations from k
+    random points, on all N points. device: where (default the current CUDA device, if any);
+    backend: see kmeans_backend. Returns (assignments int64 [N], centroids float32 [k, d] in the
+    whitened space, stats: objective (the sum of squared distances to the assigned centroids),
+    size_min, size_median, size_max, empty_clusters, seconds, preprocess_seconds, pca_dim (0:
+    PCA off), backend, threads)."""
+    return run_kmeans_multi(features, [k], seed, niter, pca_dim, device, backend)[0]
 
 
-def run_kmeans(features, k, seed=0, niter=20, pca_dim=256, gpu=None):
-    """k-means prototypes of features [N, D] (tensor or array, any float dtype).
-
-    Pre-processing as DeepCluster: PCA-whitening to pca_dim dims (at most D and N - 1; 0 skips it,
-    see pca_whitening), then L2 normalisation. faiss k-means, `niter` Lloyd iterations, on every
-    core of the node, or on one GPU when gpu is True, or None and faiss sees one. faiss would train
-    on a random 256·k subsample unless told otherwise, so max_points_per_centroid is raised until
-    every one of the N points counts. The centroids start at k random points, as in DeepCluster
-    and the official code.
-
-    Returns:
-        assignments: int64 [N], the nearest final centroid of every point.
-        centroids: float32 [k, d], d = pca_dim or D, in the pre-processed space.
-        stats: dict of JSON-ready numbers: objective (sum of squared distances to the
-            assigned centroids), size_min, size_median, size_max, empty_clusters, seconds
-            (the k-means), preprocess_seconds (checks, PCA, normalisation), pca_dim (the
-            dimension used; 0 when PCA is off), threads (faiss's on the CPU).
-    """
-    return run_kmeans_multi(features, [k], seed=seed, niter=niter, pca_dim=pca_dim, gpu=gpu)[0]
-
-
-def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, gpu=None):
-    """run_kmeans for every k in ks on the same features, pre-processing them once.
-
-    The PCA is the expensive part at ImageNet size (N x D^2 for the covariance) and does not
-    depend on k. Returns a list of run_kmeans's (assignments, centroids, stats), one per k;
-    every stats dict carries the same preprocess_seconds. The features are read in chunks: no
-    float32 copy of [N, D] is made.
-    """
+def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, device=None, backend=None):
+    """run_kmeans for every k in ks on the same features, pre-processing them once (the PCA is
+    the expensive part at ImageNet size and does not depend on k). Returns a list of
+    run_kmeans's (assignments, centroids, stats), one per k. The features are read in chunks: no
+    float32 copy of [N, D] is made."""
     start = time.perf_counter()
     features = torch.as_tensor(features)
     if features.dim() != 2 or 0 in features.shape:
         raise ValueError(f"features must be a non-empty [N, D] matrix, got shape "
                          f"{tuple(features.shape)}")
     ks = _check_ks(ks, len(features))
-    gpu = _use_gpu(gpu)
     mean, projection = pca_whitening(features, pca_dim)
-    x = whiten(features, mean, projection).numpy()                              # N x d
+    x = whiten(features, mean, projection)                                      # N x d
     pca_dim = 0 if projection is None else projection.shape[1]
-    return _kmeans(x, ks, seed, niter, gpu, time.perf_counter() - start, pca_dim)
+    return _kmeans(x, ks, seed, niter, kmeans_backend(backend, device),
+                   dict(preprocess_seconds=time.perf_counter() - start, pca_dim=pca_dim))
 
 
-def _use_gpu(gpu):
-    if gpu is None:
-        return faiss.get_num_gpus() > 0
-    if gpu and faiss.get_num_gpus() == 0:
-        raise ValueError("gpu=True but faiss sees no GPU (is faiss-gpu installed?)")
-    return gpu
+def kmeans_backend(backend=None, device=None):
+    """(backend, device) of a k-means: on a CUDA device faiss-gpu runs on that one GPU when it
+    sees one, and torch_kmeans runs there when it does not (a GPU without faiss-gpu, the package
+    users of clustering-based methods most often cannot install); on the CPU faiss runs on every
+    core. backend "faiss" or "torch" chooses instead (torch_kmeans also runs on the CPU)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    faiss_gpu = device.type == "cuda" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+    if backend not in (None, "faiss", "torch"):
+        raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+    backend = backend or ("faiss" if faiss_gpu or device.type != "cuda" else "torch")
+    if backend == "faiss" and not faiss_gpu:
+        device = torch.device("cpu")
+    return backend, device
 
 
-def _kmeans(x, ks, seed, niter, gpu, preprocess_seconds, pca_dim):
-    """faiss k-means of the pre-processed rows x [N, d] float32 for every k: run_kmeans_multi's
-    results. Under torchrun, OMP_NUM_THREADS is 1 when a node runs several ranks; the other ranks
-    wait for this k-means, so faiss takes every core of the node for it, then gives them back (the
-    OpenMP runtime may be torch's as well)."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(node_threads())
+def _kmeans(x, ks, seed, niter, backend, stats):
+    """k-means of the pre-processed rows x [N, d] (float32 CPU tensor) for every k:
+    run_kmeans_multi's results, each stats dict starting from `stats`. backend: kmeans_backend's.
+    Under torchrun OMP_NUM_THREADS is 1 when a node runs several ranks; the other ranks wait for
+    this k-means, so on the CPU it takes every core of the node, then gives them back."""
+    name, device = backend
+    threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    if device.type == "cpu":
+        faiss.omp_set_num_threads(runtime.node_threads())
+        torch.set_num_threads(runtime.node_threads())
     try:
         results = []
         for k in ks:
             start = time.perf_counter()
-            kmeans = faiss.Kmeans(
-                x.shape[1], k, niter=niter, seed=seed, gpu=1 if gpu else False,
-                max_points_per_centroid=x.shape[0] // k + 1,  # no subsampling: all N points train
-                min_points_per_centroid=1,  # few points per centroid is our choice, not a mistake
-            )
-            kmeans.train(x)
-            distances, assignments = kmeans.index.search(x, 1)  # [N, 1] each
-            assignments = assignments[:, 0].astype(np.int64)
-
+            if name == "torch":
+                assignments, centroids, distances = (
+                    t.cpu().numpy() for t in torch_kmeans(x.to(device), k, seed, niter))
+            else:
+                assignments, centroids, distances = _faiss_kmeans(x.numpy(), k, seed, niter,
+                                                                  device.index)
             sizes = np.bincount(assignments, minlength=k)
-            stats = {
-                "objective": float(distances.sum(dtype=np.float64)),
-                "size_min": int(sizes.min()),
-                "size_median": float(np.median(sizes)),
-                "size_max": int(sizes.max()),
-                "empty_clusters": int((sizes == 0).sum()),
-                "seconds": time.perf_counter() - start,
-                "preprocess_seconds": preprocess_seconds,
-                "pca_dim": int(pca_dim),
-                "threads": faiss.omp_get_max_threads(),
-            }
-            results.append((assignments, kmeans.centroids, stats))
+            results.append((assignments.astype(np.int64), centroids, dict(
+                stats, objective=float(distances.sum(dtype=np.float64)), size_min=int(sizes.min()),
+                size_median=float(np.median(sizes)), size_max=int(sizes.max()),
+                empty_clusters=int((sizes == 0).sum()), seconds=time.perf_counter() - start,
+                backend=f"{name}-{device.type}", threads=torch.get_num_threads()
+                if name == "torch" else faiss.omp_get_max_threads())))
         return results
     finally:
-        faiss.omp_set_num_threads(threads)
+        faiss.omp_set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
+
+
+def _faiss_kmeans(x, k, seed, niter, gpu=None):
+    """faiss's k-means of x [N, d] float32 on every core, or on CUDA device `gpu` alone (never
+    faiss.Kmeans(gpu=1), which to faiss means every GPU of the node). Returns (assignments [N],
+    centroids [k, d], squared distances [N])."""
+    params = faiss.ClusteringParameters()
+    params.niter, params.seed = niter, seed
+    params.max_points_per_centroid = x.shape[0] // k + 1   # no subsampling: all N points train
+    params.min_points_per_centroid = 1     # few points per centroid is our choice, not a mistake
+    index, resources = faiss.IndexFlatL2(x.shape[1]), None
+    if gpu is not None:
+        resources, config = faiss.StandardGpuResources(), faiss.GpuIndexFlatConfig()
+        config.device = gpu
+        index = faiss.GpuIndexFlatL2(resources, x.shape[1], config)
+    clustering = faiss.Clustering(x.shape[1], k, params)
+    clustering.train(x, index)
+    distances, assignments = index.search(x, 1)                  # [N, 1] each
+    return assignments[:, 0], faiss.vector_to_array(clustering.centroids).reshape(k, -1), \
+        distances[:, 0]
+
+
+@torch.no_grad()
+def torch_kmeans(x, k, seed=0, niter=20, chunk_bytes=1 << 28):
+    """faiss's k-means in torch, for a GPU without faiss-gpu (or any device): Lloyd iterations of
+    x [N, d] float32 from k distinct random points (a seeded draw), each assigning every point to
+    its nearest centroid (squared L2; the N x k distances in chunks of rows, never [N, k]) and
+    moving each centroid to its points' mean. A centroid left empty takes a split of a cluster
+    drawn with probability proportional to its size - 1, pushed apart from it by 1/1024, as
+    faiss does. Returns (assignments int64 [N], centroids [k, d], squared distances [N])."""
+    g = torch.Generator().manual_seed(seed)
+    rows = max(1, chunk_bytes // (8 * k))
+
+    def nearest(centroids):                                       # assignments, distances [N]
+        norms = (centroids * centroids).sum(1)
+        best = [torch.addmm(norms, part, centroids.T, alpha=-2).min(1) for part in x.split(rows)]
+        distances = torch.cat([b.values for b in best]) + (x * x).sum(1)
+        return torch.cat([b.indices for b in best]), distances.clamp_min_(0)
+
+    centroids = x[torch.randperm(len(x), generator=g)[:k].to(x.device)].clone()   # k x d
+    for _ in range(niter):
+        assignments = nearest(centroids)[0]
+        counts = torch.bincount(assignments, minlength=k)
+        centroids = torch.zeros_like(centroids).index_add_(0, assignments, x) / counts.clamp(
+            min=1)[:, None].to(x.dtype)
+        sizes = counts.cpu().double()
+        for empty in (sizes == 0).nonzero()[:, 0].tolist():
+            split = int(torch.multinomial((sizes - 1).clamp(min=0), 1, generator=g))
+            sign = torch.ones(x.shape[1], device=x.device)
+            sign[1::2] = -1                                       # faiss's symmetric nudge
+            centroids[empty] = centroids[split] * (1 + sign / 1024)
+            centroids[split] = centroids[split] * (1 - sign / 1024)
+            sizes[empty] = sizes[split] // 2
+            sizes[split] -= sizes[empty]
+    assignments, distances = nearest(centroids)
+    return assignments, centroids, distances
 
 
 def distributed_kmeans(features, ks, num_samples, indices=None, seed=0, niter=20, pca_dim=256,
-                       device=None):
-    """Collective: run_kmeans_multi of the rows the ranks hold between them; the assignments on
-    every rank.
-
-    Args:
-        features: this rank's rows [n, F], any float dtype (a Shard's features); one process:
-            all N rows.
-        ks: the numbers of prototypes, one k-means each (an int for one).
-        num_samples: N, the rows over all ranks.
-        indices: the rows' dataset indices [n] (the Shard's); default 0..n-1, as for one process.
-        device: where the moments, the projection and the collectives run; default the current
-            CUDA device for NCCL, else CPU.
-
-    The ranks fit the whitening together (pca_whitening), each projects and L2-normalises its own
-    rows, and only these pca_dim-dim float16 rows travel to rank 0 (0.66 GB at ImageNet size),
-    which runs faiss k-means on all N of them (run_kmeans_multi's, every core of the node) and
-    broadcasts the assignments. No process ever holds [N, F].
-
-    Returns:
-        assignments: int64 [num_samples, len(ks)] CPU tensor, identical on every rank.
-        stats: run_kmeans's stats dicts, one per k, on every rank (preprocess_seconds includes
-            the travel to rank 0).
-    Bad input (a k outside [2, N], rows that do not add up to N, NaN, identical features) and any
-    failure of rank 0's k-means raise the same error on every rank: none is left waiting.
-    """
+                       device=None, backend=None):
+    """Collective: run_kmeans_multi of the rows the ranks hold between them, features [n, F]
+    with their dataset indices [n] (a Shard's; one process: all N rows, indices 0..N-1). The
+    ranks fit the whitening together (pca_whitening), each projects and L2-normalises its own
+    rows, and only these float16 rows travel to rank 0 (0.66 GB at ImageNet size), which runs the
+    k-means on its device (kmeans_backend: its one GPU, or every core of the node). No process
+    ever holds [N, F]. device: the moments', projection's and collectives' (default the current
+    CUDA device under NCCL, else the CPU). Returns (assignments int64 [N, len(ks)] CPU, run_kmeans's
+    stats for each k), identical on every rank. Bad input and any failure of rank 0's k-means
+    raise the same error on every rank: none is left waiting."""
     start = time.perf_counter()
     ks = _check_ks(ks, num_samples)
-    rank, world_size = _dist_info()
+    rank, world_size = runtime.rank_world()
     group = dist.group.WORLD if world_size > 1 else None
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device())
                   if group is not None and dist.get_backend() == "nccl" else "cpu")
     features = torch.as_tensor(features)
     indices = torch.arange(len(features)) if indices is None else torch.as_tensor(indices)
-    bad = (features.dim() != 2 or indices.shape != features.shape[:1]
-           or bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max())
-           < num_samples)
-    # How often each index is held, over the ranks (slot N: bad input on some rank); 5 MB at
-    # ImageNet size, for a partition that rank 0's buffer relies on.
-    hits = torch.zeros(num_samples + 1, dtype=torch.int32)
-    hits[num_samples] = int(bad)
-    if not bad:
-        hits[:num_samples] = torch.bincount(indices, minlength=num_samples)
-    if group is not None:
-        hits = hits.to(device)
-        dist.all_reduce(hits, group=group)
-        hits = hits.cpu()
-    if hits[num_samples]:
-        raise ValueError(f"every rank must pass features [n, F] and their dataset indices [n] in "
-                         f"[0, {num_samples}), got {tuple(features.shape)} and "
-                         f"{tuple(indices.shape)} here")
-    total = int(hits[:num_samples].sum())
-    if total != num_samples:
-        raise ValueError(f"got {total} features for num_samples={num_samples}")
-    if not (hits[:num_samples] == 1).all():
-        raise ValueError(f"{int((hits[:num_samples] == 0).sum())} dataset indices are on no rank "
-                         "and others on several: give each rank its Shard")
-
+    runtime.check_partition(features, indices, num_samples, device)
     mean, projection = pca_whitening(features, pca_dim, group, device)
     rows = whiten(features, mean, projection, torch.float16 if group else torch.float32, device)
-    x = gather_rows(rows, indices, num_samples, device, torch.float32)   # N x d on rank 0
+    x = runtime.gather_rows(rows, indices, num_samples, device, torch.float32)   # N x d on rank 0
     pca_dim = 0 if projection is None else projection.shape[1]
 
     def cluster():
-        results = _kmeans(x.numpy(), ks, seed, niter, _use_gpu(None), time.perf_counter() - start,
-                          pca_dim)
+        results = _kmeans(x, ks, seed, niter, kmeans_backend(backend, device),
+                          dict(preprocess_seconds=time.perf_counter() - start, pca_dim=pca_dim))
         columns = np.stack([assignments for assignments, _, _ in results], 1)
         return torch.from_numpy(columns), [stats for _, _, stats in results]
 
@@ -497,109 +357,21 @@ def cluster_means(features, assignments, k, chunk=65536, group=None, device="cpu
     return torch.nn.functional.normalize(sums, dim=1).cpu()
 
 
-def nmi(a, b):
-    """Normalised mutual information of two labelings [N] (arithmetic mean, as scikit-learn).
-
-    I(a; b) / ((H(a) + H(b)) / 2), 1 for identical partitions up to renaming, 0 for
-    independent ones; 1 as well when neither labeling splits the data.
-    """
-    a, b, row, col, joint = _contingency(a, b)
-    p_ab = joint / a.size
-    p_a = np.bincount(a) / a.size
-    p_b = np.bincount(b) / a.size
-    h_a = -(p_a * np.log(p_a)).sum()
-    h_b = -(p_b * np.log(p_b)).sum()
-    if h_a == 0 and h_b == 0:
-        return 1.0
-    mutual = (p_ab * np.log(p_ab / (p_a[row] * p_b[col]))).sum()
-    return float(np.clip(mutual / ((h_a + h_b) / 2), 0.0, 1.0))
-
-
-def same_class_pairs(assignments, targets):
-    """The share of same-prototype pairs whose two images share a class: the precision of the
-    positives of Eq. 3 (Sec. 3.4), which the Siamese loss pulls together.
-
-    For a pair drawn uniformly from the images of one prototype, prototypes weighted by their size
-    (as `sampler.PrototypePairSampler` takes them); prototypes of one image hold no pair. A
-    random pair of CIFAR-10 images shares its class with probability 0.1; ground-truth
-    prototypes give 1. nan when no prototype holds two images.
-    """
-    a, _, row, _, joint = _contingency(assignments, targets)
-    sizes = np.bincount(a).astype(np.float64)                            # n_k
-    same = np.bincount(row, weights=joint * (joint - 1.0), minlength=len(sizes))  # ordered pairs
-    paired = sizes > 1
-    if not paired.any():
-        return float("nan")
-    share = same[paired] / (sizes[paired] * (sizes[paired] - 1))         # per prototype
-    return float((sizes[paired] * share).sum() / sizes[paired].sum())
-
-
-def _contingency(a, b):
-    """The non-empty cells of the contingency table of two labelings [N]: (a and b renamed to
-    0..K-1, each cell's row and column, its count). From unique codes, never a dense [Ka, Kb]
-    table (Ka = N for singletons)."""
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"need two non-empty labelings of equal length, got {a.size} and {b.size}")
-    _, a = np.unique(a, return_inverse=True)
-    _, b = np.unique(b, return_inverse=True)
-    num_b = int(b.max()) + 1
-    codes, joint = np.unique(a.astype(np.int64) * num_b + b, return_counts=True)
-    return a, b, codes // num_b, codes % num_b, joint
-
-
 @torch.no_grad()
-def knn_top1(train_features, train_targets, test_features, test_targets, k=200, temperature=0.1,
-             num_classes=None, chunk=4096, device=None):
-    """Weighted kNN top-1 accuracy in percent (Wu et al. 2018, arXiv 1805.01978).
-
-    Each test image votes with its k nearest training images by cosine similarity s, each weighted
-    exp(s / temperature); the class with the largest summed weight is the prediction.
-
-    Args:
-        train_features: [N, F], any float dtype, on any device (fp16 CPU from
-            cluster.extract_features is fine: every block is computed in float32).
-        train_targets: [N] int class ids.
-        test_features: [M, F]; test_targets: [M].
-        k: neighbours (clamped to N). temperature: of the vote weights.
-        num_classes: C; default 1 + the largest target.
-        chunk: rows of test and of train features per block, so memory stays bounded by
-            [chunk, chunk] similarities and [chunk, k] running neighbours (1.28M x 2048 is fine).
-        device: where the arithmetic runs; default CUDA when available. The train features
-            move there once when they take at most half of its free memory (5.2 GB for ImageNet
-            in fp16), else block by block for every chunk of test images.
-    """
-    if (train_features.ndim != 2 or test_features.ndim != 2
-            or train_features.shape[1] != test_features.shape[1]):
-        raise ValueError(f"need features [N, F] and [M, F], got {tuple(train_features.shape)} and "
-                         f"{tuple(test_features.shape)}")
-    if len(train_targets) != len(train_features) or len(test_targets) != len(test_features):
-        raise ValueError("need one target per feature row")
-    if len(train_features) == 0 or len(test_features) == 0:
-        raise ValueError("need at least one train and one test feature")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = min(k, len(train_features))
-    train_targets = torch.as_tensor(train_targets).to(device)
-    test_targets = torch.as_tensor(test_targets).cpu()
-    C = num_classes or max(int(train_targets.max()), int(test_targets.max())) + 1
-    if device.type == "cuda" and train_features.device != device:
-        size = train_features.numel() * train_features.element_size()
-        if size <= torch.cuda.mem_get_info(device)[0] // 2:
-            train_features = train_features.to(device)      # in its own dtype: the same blocks
-    correct = 0
-    for start in range(0, len(test_features), chunk):
-        query = F.normalize(test_features[start:start + chunk].to(device, torch.float32),  # c x F
-                            dim=1)
-        top_sim = torch.full((len(query), k), -math.inf, device=device)          # c x k
-        top_label = torch.zeros((len(query), k), dtype=torch.int64, device=device)
-        for train_start in range(0, len(train_features), chunk):
-            keys = F.normalize(
-                train_features[train_start:train_start + chunk].to(device, torch.float32), dim=1)
-            sim = torch.cat([top_sim, query @ keys.T], 1)                        # c x (k + b)
-            labels = train_targets[train_start:train_start + chunk].expand(len(query), -1)
-            top_sim, pos = sim.topk(k, dim=1)                                    # c x k
-            top_label = torch.cat([top_label, labels], 1).gather(1, pos)
-        votes = torch.zeros(len(query), C, device=device)
-        votes.scatter_add_(1, top_label, (top_sim / temperature).exp())         # c x C
-        correct += int((votes.argmax(1).cpu() == test_targets[start:start + chunk]).sum())
-    return 100.0 * correct / len(test_features)
+def centroid_heads(shard, assignments, ks, world, device, temperature=0.1):
+    """Collective, --head-init centroids: row c of head j is cluster c's mean encoder feature,
+    normalised and divided by temperature x the mean feature norm, so that a typical feature
+    scores the clusters by cosine / 0.1 (DeepCluster-v2 copies its centroids into its prototype
+    layer the same way, with this temperature). shard: this rank's cluster.Shard of the features;
+    the per-cluster sums [K_j, F] and the norms are all-reduced, so no rank needs [N, F].
+    assignments [N, H]. Returns one [K_j, F] float32 CPU tensor per K_j, identical on every rank."""
+    group = dist.group.WORLD if world > 1 else None
+    norms = torch.tensor([sum(float(chunk.float().norm(dim=1).sum())
+                              for chunk in shard.features.split(65536)), len(shard.features)],
+                         dtype=torch.float64, device=device)               # [sum of norms, n]
+    if group is not None:
+        dist.all_reduce(norms)
+    norm = float(norms[0] / norms[1])
+    return [cluster_means(shard.features, assignments[shard.indices, j], k, group=group,
+                          device=device) / (temperature * norm)
+            for j, k in enumerate(ks)]

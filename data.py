@@ -31,7 +31,7 @@ class InMemoryImages(torch.utils.data.Dataset):
     """images uint8 [N, H, W, 3] and targets int64 [N], as CPU tensors.
 
     Indexing gives (normalised float image [3, H, W], target, index), the form the feature pass
-    (cluster.extract_features) and the linear probe read.
+    (monitor.extract_features) and the linear probe read.
     """
 
     def __init__(self, images, targets, classes, mean, std):
@@ -59,7 +59,8 @@ class DataError(ValueError):
 
 
 class DataNotFound(ValueError):
-    """--data does not hold the dataset; the message says what it should hold."""
+    """--data does not hold the dataset (or the subset asked for); the message says what it
+    should hold."""
 
 
 def read_image(path):
@@ -139,6 +140,34 @@ def load_dataset(name, root, train, download=False, workers=4):
     if folder is None:
         raise DataNotFound(f"--data {root!r} does not hold --dataset {name}: expected {layout}")
     return torchvision.datasets.ImageFolder(folder, loader=read_image)
+
+
+def load_splits(name, root, test=True, subset_size=0, download=False, workers=4):
+    """train.py's data: (train split, optionally cut to a fixed random subset of subset_size
+    images, test split or None when test is false). Under torchrun rank 0 downloads first.
+    Raises DataNotFound with a sentence that says what --data should hold."""
+    import torch.distributed as dist
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    first = ranks == 1 or dist.get_rank() == 0
+    if download and not first:
+        dist.barrier()                                  # rank 0 downloads first
+    try:
+        train_set = load_dataset(name, root, train=True, download=download and first,
+                                 workers=workers)
+        test_set = load_dataset(name, root, train=False, workers=workers) if test else None
+    except DataNotFound as e:
+        hint = (f", or add --download to fetch {name} there"
+                if name in SMALL and not download else "")
+        raise DataNotFound(f"{e}{hint}") from None
+    except (ValueError, RuntimeError, OSError) as e:
+        raise DataNotFound(str(e)) from None
+    finally:
+        if download and first and ranks > 1:
+            dist.barrier()
+    try:
+        return subset(train_set, subset_size, seed=1234), test_set
+    except ValueError as e:
+        raise DataNotFound(f"--train-subset: {e}") from None
 
 
 class GaussianBlur:

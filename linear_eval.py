@@ -29,66 +29,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
-import cluster
 import data
 import runtime
-from models import ARCHS, describe_keys, export_encoder, load_encoder
-
-
-# ---------------------------------------------------------------------------------------------
-# The probe
-# ---------------------------------------------------------------------------------------------
-
-def train_classifier(classifier, epoch_batches, epochs, steps_per_epoch, lr, momentum=0.9,
-                     weight_decay=0.0, encoder=None, device="cpu", amp_dtype=None, master=True):
-    """SGD with Nesterov momentum and a per-step cosine schedule from lr to 0 on cross-entropy.
-
-    epoch_batches(epoch) yields (x, y [B]): images [B, 3, S, S] when an encoder is given (run
-    frozen, without gradient), else features [B, F]. classifier may be DDP-wrapped.
-    Returns the mean loss of the last epoch.
-    """
-    device = torch.device(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=momentum, nesterov=True,
-                                weight_decay=weight_decay)
-    total_steps = epochs * steps_per_epoch
-    step = 0
-    bar = tqdm(range(epochs), desc="linear probe", disable=not master, dynamic_ncols=True,
-               leave=False)
-    for epoch in bar:
-        loss_sum, count = torch.zeros((), device=device), 0
-        for x, y in epoch_batches(epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = runtime.cosine_lr(step, total_steps, lr)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if encoder is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype,
-                                                     enabled=amp_dtype is not None):
-                    x = encoder(x.contiguous(memory_format=torch.channels_last))       # B x F
-            loss = F.cross_entropy(classifier(x.float()), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            count += 1
-            step += 1
-        mean_loss = loss_sum.item() / max(1, count)
-        bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_loss:.4f}")
-    bar.close()
-    return mean_loss
-
-
-@torch.no_grad()
-def evaluate(classifier, features, targets, device="cpu", chunk=4096):
-    """(top-1, top-5) accuracy in percent of classifier on features [M, F] with targets [M]."""
-    hits = torch.zeros(2, dtype=torch.int64)
-    for x, y in zip(features.split(chunk), torch.as_tensor(targets).split(chunk)):
-        logits = classifier(x.to(device, torch.float32))                            # c x C
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu() == y[:, None]
-        hits += torch.stack([top[:, 0].sum(), top.any(1).sum()])
-    return tuple((100.0 * hits / len(targets)).tolist())
+import checkpoint
+import monitor
+from checkpoint import describe_keys, export_encoder, load_encoder
+from models import ARCHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +77,7 @@ def get_args(argv=None):
     return args
 
 
-def fail(message, master=True):
+def fail(message, master=None):
     runtime.fail("linear_eval.py", message, master)
 
 
@@ -138,24 +85,6 @@ def result_path(out):
     """The JSONL file that --out names: out itself, or linear_eval.jsonl in the folder out."""
     return (os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep)
             else out)
-
-
-def check_writable(path):
-    """None when the JSON line can be appended to path (its folder created if missing), else
-    why not. Creates no file: an empty linear_eval.jsonl would read as a finished row to
-    experiments/table2.sh."""
-    try:
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(path):
-            open(path, "a").close()
-        else:
-            probe = os.path.join(folder, f".write_test_{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
 
 
 def write_result(result, out):
@@ -170,13 +99,13 @@ def write_result(result, out):
 def knn(args, encoder, splits, rank, world, device, amp_dtype):
     """Weighted kNN top-1 (Wu et al. 2018) of the test split against the training split."""
     (train_views, train_n), (test_views, test_n), num_classes = splits
-    features = lambda views, n: cluster.split_features(encoder, views, n, rank, world, device,
+    features = lambda views, n: monitor.split_features(encoder, views, n, rank, world, device,
                                                        amp_dtype)
     train_features, train_targets = features(train_views, train_n)
     test_features, test_targets = features(test_views, test_n)
     if rank:
         return None
-    top1 = cluster.knn_top1(train_features, train_targets, test_features, test_targets,
+    top1 = monitor.knn_top1(train_features, train_targets, test_features, test_targets,
                             k=args.knn_k, temperature=args.knn_temperature, num_classes=num_classes)
     return {"mode": "knn", "k": args.knn_k, "temperature": args.knn_temperature, "knn_top1": top1}
 
@@ -185,26 +114,20 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
     """The linear probe, on cached features of the evaluation view (--cached, rank 0 alone: a
     linear layer on features takes seconds) or on augmented views through the frozen encoder."""
     (train_views, train_n), (test_views, test_n), num_classes = splits
-    lr = args.lr * args.batch_size / 256
-    classifier = nn.Linear(info["feature_dim"], num_classes)
-    nn.init.normal_(classifier.weight, std=0.01)
-    nn.init.zeros_(classifier.bias)
-    classifier = classifier.to(device)
-    features = lambda views, n: cluster.split_features(encoder, views, n, rank, world, device,
+    features = lambda views, n: monitor.split_features(encoder, views, n, rank, world, device,
                                                        amp_dtype)
     test_features, test_targets = features(test_views, test_n)
+    settings = dict(epochs=epochs, batch_size=args.batch_size, lr=args.lr * args.batch_size / 256,
+                    momentum=args.momentum, weight_decay=args.weight_decay)
     if args.cached:
         train_features, train_targets = features(train_views, train_n)
         if rank:
             return None
-        shuffle = torch.Generator().manual_seed(args.seed)
-
-        def batches(epoch):
-            for idx in torch.randperm(train_n, generator=shuffle).split(args.batch_size):
-                yield train_features[idx], train_targets[idx]
-        train_classifier(classifier, batches, epochs, math.ceil(train_n / args.batch_size), lr,
-                         args.momentum, args.weight_decay, device=device)
+        top1, top5 = monitor.cached_probe(train_features, train_targets, test_features,
+                                          test_targets, num_classes, seed=args.seed,
+                                          device=device, **settings)
     else:
+        classifier = monitor.linear_classifier(info["feature_dim"], num_classes, device)
         model = classifier if world == 1 else nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = torch.utils.data.DistributedSampler(range(train_n), world, rank, shuffle=True,
@@ -217,15 +140,15 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
             for x, y, _ in train_views.batches(index_batches, "crop_flip",
                                                key=(args.seed, data.PROBE_VIEWS, epoch, rank)):
                 yield x, y
-        train_classifier(model, batches, epochs, math.ceil(len(sampler) / per_rank), lr,
-                         args.momentum, args.weight_decay, encoder=encoder, device=device,
-                         amp_dtype=amp_dtype, master=rank == 0)
+        monitor.train_classifier(model, batches, epochs, math.ceil(len(sampler) / per_rank),
+                                 settings["lr"], args.momentum, args.weight_decay,
+                                 encoder=encoder, device=device, amp_dtype=amp_dtype,
+                                 master=rank == 0)
         if rank:
             return None
-    top1, top5 = evaluate(classifier, test_features, test_targets, device)
-    return {"mode": "cached" if args.cached else "augmented", "epochs": epochs,
-            "batch_size": args.batch_size, "lr": lr, "momentum": args.momentum,
-            "weight_decay": args.weight_decay, "top1": top1, "top5": top5, "world_size": world}
+        top1, top5 = monitor.evaluate(classifier, test_features, test_targets, device)
+    return {"mode": "cached" if args.cached else "augmented", **settings, "top1": top1,
+            "top5": top5, "world_size": world}
 
 
 def main(argv=None):
@@ -244,7 +167,7 @@ def main(argv=None):
             print(f"wrote the {info['arch']} encoder "
                   f"({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) to {args.export}")
         return None
-    why = check_writable(result_path(args.out)) if args.out and master else None
+    why = runtime.on_rank0(lambda: args.out and checkpoint.check_writable(result_path(args.out)))
     if why:
         fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can "
              "write to", master)

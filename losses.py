@@ -16,9 +16,9 @@ Conventions a copier should know:
 - Under a group, nt_xent returns the global loss with the gradient of this rank's share, which
   DDP's averaging of gradients turns into the exact global gradient (see nt_xent).
 - Every function checks shapes and raises ValueError with a message that says what is wrong.
-  validate=True (the default) also checks values (NaN, label ranges), which costs a host-device
-  synchronisation per call and, under DDP, would stop only the rank that sees the bad value: a
-  training loop passes validate=False and checks the all-reduced loss instead (as train.py does).
+  Values are not checked: that would cost a host-device synchronisation per call and, under DDP,
+  stop only the rank that sees a bad one. Check the loss the ranks agree on instead (train.py
+  all-reduces it and stops at the first non-finite step, naming the terms).
 """
 import math
 
@@ -30,13 +30,6 @@ import torch.nn.functional as F
 def _check(condition, message):
     if not condition:
         raise ValueError(message)
-
-
-def _check_finite(name, *tensors):
-    # One reduction and one sync for all tensors; the message names the culprit.
-    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        raise ValueError(f"{name}: input contains NaN or Inf "
-                         "(a diverged model or bad data upstream)")
 
 
 # torch >= 2.14 names the single-tensor collectives *_single and deprecates the older names.
@@ -81,7 +74,7 @@ def gather_with_grad(x, group):
     return _GatherWithGrad.apply(x, group)
 
 
-def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
+def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None):
     """Eq. 1-2, NT-Xent (Chen et al. 2020, SimCLR). With `group` it is a collective: every rank of
     the group must call it, with the same B. The mean over all 2M views of the global batch of
 
@@ -98,7 +91,6 @@ def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
         labels: optional [B] int64, e.g. each image's prototype.
         group: a torch.distributed process group (dist.group.WORLD for all ranks), or None for
             one process. Never found by itself: a call on one rank alone cannot hang.
-        validate: also check the values (NaN / Inf), see the module docstring.
 
     Returns:
         scalar, the loss of the GLOBAL batch (identical on every rank).
@@ -118,8 +110,6 @@ def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
     _check(labels is None or labels.shape == (z1.shape[0],),
            f"nt_xent: labels must be [B]={z1.shape[0]}, got "
            f"{None if labels is None else tuple(labels.shape)}")
-    if validate:
-        _check_finite("nt_xent", z1, z2)
 
     B = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)              # 2B x D, unit rows
@@ -147,14 +137,13 @@ def nt_xent(z1, z2, temperature=0.5, *, labels=None, group=None, validate=True):
     return loss
 
 
-def siamese_metric_loss(head, h_a, h_b, same, validate=True):
+def siamese_metric_loss(head, h_a, h_b, same):
     """Eq. 3, the Siamese metric loss (Koch et al. 2015): BCEWithLogits(head(|h_a - h_b|), same).
 
     Args:
         head: module mapping [P, F] -> [P, 1] or [P] (SPCL: one Linear(F, 1)).
         h_a, h_b: [P, F], encoder features of the two sides of P pairs.
         same: [P] of 0/1 (bool, int or float), 1 when the pair shares a prototype.
-        validate: also check the values (NaN / Inf, same in {0, 1}).
 
     Returns:
         scalar, the mean over the P pairs.
@@ -165,10 +154,6 @@ def siamese_metric_loss(head, h_a, h_b, same, validate=True):
     _check(h_a.shape[0] >= 1, "siamese_metric_loss: needs at least 1 pair, got 0")
     _check(same.shape == (h_a.shape[0],),
            f"siamese_metric_loss: same must be [P]={h_a.shape[0]}, got {tuple(same.shape)}")
-    if validate:
-        _check_finite("siamese_metric_loss", h_a, h_b)
-        _check(bool(((same == 0) | (same == 1)).all()),
-               "siamese_metric_loss: same must hold only 0 and 1")
     score = head((h_a - h_b).abs())                          # P x 1
     score = score.reshape(h_a.shape[0])                      # P
     dtype = torch.promote_types(score.dtype, torch.float32)
@@ -203,39 +188,30 @@ def siamese_pairs(h1, h2, same, same_image_pairs=True):
     return torch.cat(left), torch.cat(right), torch.cat(label)
 
 
-def _check_logits_targets(name, logits, targets, validate):
+def _check_logits_targets(name, logits, targets):
     _check(logits.dim() == 2, f"{name}: logits must be [N, K], got {tuple(logits.shape)}")
     _check(targets.shape == (logits.shape[0],),
            f"{name}: targets must be [N]={logits.shape[0]}, got {tuple(targets.shape)}")
     _check(logits.shape[0] >= 1, f"{name}: needs at least 1 sample, got 0")
     _check(not targets.is_floating_point(),
            f"{name}: targets must be integer class indices, got {targets.dtype}")
-    K = logits.shape[1]
-    if not validate:
-        return
-    ok = torch.stack([torch.isfinite(logits).all(), (targets >= 0).all(), (targets < K).all()])
-    if not bool(ok.all()):
-        _check_finite(name, logits)
-        raise ValueError(f"{name}: targets must lie in [0, {K}), got min {int(targets.min())} "
-                         f"max {int(targets.max())}: is the head's K the number of prototypes?")
 
 
-def prototype_ce(logits, targets, validate=True):
+def prototype_ce(logits, targets):
     """Eq. 4, prototypical cross-entropy: CE(W h, y) with y the prototype of each view's image.
 
     Args:
         logits: [N, K], the prototype head's output for N views.
         targets: [N] int64 in [0, K), the prototypes (k-means pseudo labels).
-        validate: also check the values (NaN / Inf, targets in range).
 
     Returns:
         scalar, the mean over the N views.
     """
-    _check_logits_targets("prototype_ce", logits, targets, validate)
+    _check_logits_targets("prototype_ce", logits, targets)
     return F.cross_entropy(logits, targets)
 
 
-def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), validate=True):
+def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4)):
     """Eq. 4, symmetric variant (Wang et al. 2019, "Symmetric Cross Entropy"): alpha*CE + beta*RCE,
 
         RCE = -sum_k p_k log q_k,  p = softmax(logits), q = one-hot(target), log 0 := log_zero,
@@ -247,12 +223,11 @@ def symmetric_ce(logits, targets, alpha=0.1, beta=1.0, log_zero=math.log(1e-4), 
         logits: [N, K]; targets: [N] int64 in [0, K).
         alpha, beta: weights of CE and RCE (official code: 0.1 and 1.0).
         log_zero: the value standing in for log 0 (official code: log(1e-4), the clamp of q).
-        validate: also check the values (NaN / Inf, targets in range).
 
     Returns:
         scalar, the mean over the N samples.
     """
-    _check_logits_targets("symmetric_ce", logits, targets, validate)
+    _check_logits_targets("symmetric_ce", logits, targets)
     ce = F.cross_entropy(logits, targets)
     # At least float32: fp16 logits under AMP would round p close to 1.
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -266,7 +241,7 @@ CONTRAST_MODES = ("joint", "per-side", "masked")
 
 def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_heads=(), w_con=1.0,
               w_metric=1.0, w_proto=1.0, temperature=0.5, contrast="joint", proto_loss="ce",
-              same_image_pairs=True, group=None, validate=True):
+              same_image_pairs=True, group=None):
     """Eq. 5: L = w_con * L_con + w_metric * L_metric + w_proto * L_proto, on one rank's batch. With
     `group` it is a collective (NT-Xent's negatives): every rank of the group must call it.
 
@@ -292,7 +267,6 @@ def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_head
         proto_loss: "ce" or "sce" (symmetric_ce with its defaults).
         same_image_pairs: see siamese_pairs.
         group: process group for NT-Xent's negatives (see nt_xent), or None for one process.
-        validate: passed to every term (see the module docstring).
 
     Returns:
         (total scalar with gradient, {term name: detached scalar} for each computed term).
@@ -310,24 +284,23 @@ def spcl_loss(z1, z2, h1, h2, *, same, assignments, metric_head=None, proto_head
         assignments = assignments[:, None]                   # 2P x H
     terms = {}
     if w_con and contrast == "per-side":
-        sides = [nt_xent(z1[s], z2[s], temperature, group=group, validate=validate)
+        sides = [nt_xent(z1[s], z2[s], temperature, group=group)
                  for s in (slice(0, P), slice(P, None))]
         terms["con"] = (w_con, (sides[0] + sides[1]) / 2)
     elif w_con:
         labels = assignments[:, 0] if contrast == "masked" else None
-        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, group=group,
-                                       validate=validate))
+        terms["con"] = (w_con, nt_xent(z1, z2, temperature, labels=labels, group=group))
     if w_metric:
         _check(metric_head is not None, "spcl_loss: w_metric > 0 needs a metric_head")
         left, right, label = siamese_pairs(h1, h2, same, same_image_pairs)
-        terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label, validate))
+        terms["metric"] = (w_metric, siamese_metric_loss(metric_head, left, right, label))
     if w_proto:
         _check(assignments.shape == (h1.shape[0], len(proto_heads)),
                f"spcl_loss: assignments must be [2P, H]=[{h1.shape[0]}, {len(proto_heads)}] "
                f"(one column per prototype head), got {tuple(assignments.shape)}")
         ce = prototype_ce if proto_loss == "ce" else symmetric_ce
         h = torch.cat([h1, h2])                              # 4P x F, every view
-        per_head = [ce(head(h), assignments[:, j].repeat(2), validate=validate)
+        per_head = [ce(head(h), assignments[:, j].repeat(2))
                     for j, head in enumerate(proto_heads)]
         terms["proto"] = (w_proto, torch.stack(per_head).mean())
     total = sum(w * value for w, value in terms.values())

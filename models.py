@@ -10,7 +10,6 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, ResNet
 
-import runtime
 from losses import spcl_loss
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -127,84 +126,8 @@ class TrainingStep(nn.Module):
         settings = dict(self.loss_settings)
         if not use_prototypes:
             settings.update(w_metric=0, w_proto=0)
-        # The losses in float32: bf16 logits would cost NT-Xent's gradient ~1% at t = 0.1. Values
-        # are not validated here (a NaN on one rank would stop it alone); train.py checks the
-        # all-reduced loss instead.
+        # The losses in float32: bf16 logits would cost NT-Xent's gradient ~1% at t = 0.1.
         with torch.autocast(v1.device.type, enabled=False):
             return spcl_loss(z1, z2, h1, h2, same=same, assignments=assignments,
                              metric_head=self.model.metric_head,
-                             proto_heads=self.model.proto_heads, **settings, validate=False)
-
-
-def describe_keys(keys, limit=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-
-def load_encoder(checkpoint_path, arch=None, dataset=None):
-    """The frozen-to-be encoder of a checkpoint, as build_encoder's model (fc = Identity).
-
-    checkpoint_path: train.py's checkpoint.pth ({"model": SPCLModel.state_dict(), "config": ...}),
-        whose config names the arch, dataset and image size (CIFAR stem when image_size <= 64);
-        or a plain torchvision state dict of the encoder, with or without fc.* (then `arch` is
-        required and the CIFAR stem is recognised by its 3x3 conv1).
-    arch, dataset: what the caller expects; a checkpoint of another arch or dataset is refused.
-
-    Returns (encoder, info), info = {"format", "arch", "dataset", "image_size", "cifar_stem",
-    "feature_dim", "epoch"} (dataset, image_size, epoch None for a plain state dict).
-    Raises ValueError with a one-line reason for a missing, unreadable or mismatched file.
-    """
-    ckpt = runtime.read_checkpoint(checkpoint_path)
-    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
-        config = ckpt["config"]
-        lacking = [key for key in ("arch", "dataset", "image_size") if key not in config]
-        if lacking:
-            raise ValueError(f"{checkpoint_path}: its config lacks {', '.join(lacking)}; "
-                             "not written by train.py?")
-        info = {"format": "spcl", "arch": config["arch"], "dataset": config["dataset"],
-                "image_size": config["image_size"], "cifar_stem": config["image_size"] <= 64,
-                "epoch": ckpt.get("epoch")}
-        for name, wanted in (("arch", arch), ("dataset", dataset)):
-            if wanted is not None and wanted != info[name]:
-                raise ValueError(f"{checkpoint_path} holds a {info['arch']} encoder pre-trained on "
-                                 f"{info['dataset']}, but --{name} {wanted} was asked for")
-        state = {key[len("encoder."):]: value for key, value in ckpt["model"].items()
-                 if key.startswith("encoder.")}
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        if arch is None:
-            raise ValueError(f"{checkpoint_path} is a plain state dict: say which network it "
-                             f"is with --arch ({', '.join(ARCHS)})")
-        conv1 = ckpt.get("conv1.weight")
-        info = {"format": "torchvision", "arch": arch, "dataset": None, "image_size": None,
-                "cifar_stem": conv1 is not None and conv1.shape[-1] == 3, "epoch": None}
-        state = {key: value for key, value in ckpt.items() if not key.startswith("fc.")}
-    else:
-        raise ValueError(f"{checkpoint_path} holds a {type(ckpt).__name__}, neither train.py's "
-                         "checkpoint.pth nor a state dict of tensors")
-
-    encoder, info["feature_dim"] = build_encoder(info["arch"], info["cifar_stem"])
-    expected = encoder.state_dict()
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    wrong_shape = [key for key in expected.keys() & state.keys()
-                   if expected[key].shape != state[key].shape]
-    if missing or unexpected or wrong_shape:
-        problems = [f"{len(missing)} missing keys ({describe_keys(missing)})" if missing else "",
-                    f"{len(unexpected)} unexpected keys ({describe_keys(unexpected)})"
-                    if unexpected else "",
-                    f"{len(wrong_shape)} of another shape ({describe_keys(wrong_shape)})"
-                    if wrong_shape else ""]
-        stem = "CIFAR" if info["cifar_stem"] else "ImageNet"
-        raise ValueError(f"{checkpoint_path} does not fit a {info['arch']} encoder with the "
-                         f"{stem} stem: " + "; ".join(p for p in problems if p))
-    encoder.load_state_dict(state, strict=True)
-    return encoder, info
-
-
-def export_encoder(encoder, path):
-    """Write encoder's state dict without fc: `torchvision.models.<arch>()` (or, for the CIFAR stem
-    or a narrow arch, models.build_encoder's network) loads it with strict=True once its fc is
-    replaced by nn.Identity(). Atomic: a crash leaves no half-written file at `path`."""
-    state = {key: value.detach().cpu().contiguous() for key, value in encoder.state_dict().items()
-             if not key.startswith("fc.")}
-    runtime.atomic_save(state, path)
+                             proto_heads=self.model.proto_heads, **settings)

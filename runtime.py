@@ -1,22 +1,22 @@
-"""What both scripts (train.py, linear_eval.py) need from the process they run in: the
-distributed set-up and the DataLoader workers per rank, the device's AMP dtype, one-line
-failures, checkpoint files read and written safely, and the learning-rate schedule.
+"""What the scripts need from the process they run in: the distributed set-up and the
+DataLoader workers per rank, the device's AMP dtype, one-line failures, the learning-rate
+schedule, and the collectives that keep a feature bank sharded over the ranks.
 
     rank, world, device = setup_distributed(timeout_minutes=60)  # torchrun, or one process
     amp_dtype = autocast_dtype(device)                            # bf16 / fp16 on CUDA, None on CPU
-    fail("train.py", "--lr must be > 0", master)                  # one line, no traceback
+    fail("train.py", "--lr must be > 0")                          # one line, no traceback
+    x = gather_rows(rows, indices, N, device)                     # [N, D] on rank 0
 """
+import functools
 import math
 import os
-import re
-import shutil
 import signal
 import sys
-import zipfile
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -96,52 +96,29 @@ def autocast_dtype(device):
             else torch.float16)
 
 
-def fail(program, message, master=True):
-    """Stop with a one-line error, printed once (by rank 0), instead of a traceback."""
+def rank_world():
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def on_rank0(compute):
+    """Collective under torchrun: compute() on rank 0 alone, its (picklable) result on every
+    rank. For what only rank 0 does (it alone writes files), so that all ranks act on it."""
+    rank, world = rank_world()
+    result = [compute() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def fail(program, message, master=None):
+    """Stop with a one-line error, printed once (by rank 0; master None: read from torchrun's
+    RANK), instead of a traceback."""
+    if master is None:
+        master = os.environ.get("RANK", "0") == "0"
     sys.exit(f"{program}: error: {message}" if master else 1)
-
-
-def check_writable(folder):
-    """None when files can be written in folder (created if missing), else why not."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-    return None
-
-
-def previous_path(path):
-    """Where atomic_save(keep_previous=True) keeps the file that path held before:
-    checkpoint.pth -> checkpoint.prev.pth."""
-    root, ext = os.path.splitext(path)
-    return f"{root}.prev{ext}"
-
-
-def atomic_save(obj, path, keep_previous=False):
-    """torch.save to path through a temporary file and a rename: a crash (or, thanks to fsync, a
-    power cut) while writing leaves the previous file whole and never a half-written one. With
-    keep_previous, the file path held before stays as previous_path(path) (a hard link, or a copy
-    where links are not supported), so the last two checkpoints exist at every moment."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and os.path.exists(path):
-        previous, staged = previous_path(path), previous_path(path) + ".tmp"
-        if os.path.exists(staged):
-            os.remove(staged)
-        try:
-            os.link(path, staged)
-        except OSError:                              # a filesystem without hard links
-            shutil.copyfile(path, staged)
-        os.replace(staged, previous)
-    os.replace(tmp, path)
 
 
 def end_job(program, message, master=True):
@@ -160,45 +137,30 @@ def end_job(program, message, master=True):
     fail(program, message, master)
 
 
-EXPECTED = ("expected train.py's checkpoint.pth or a state dict of tensors "
-            "(torch.save(encoder.state_dict()))")
-
-
-def read_checkpoint(path):
-    """torch.load(path) on the CPU with weights_only=True, or a ValueError of one sentence that
-    says what the file is and what was expected."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "checkpoint.pth")
-        hint = f"; did you mean {inside}?" if os.path.isfile(inside) else f"; {EXPECTED}"
-        raise ValueError(f"checkpoint {path!r} is a folder, not a file{hint}")
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-    foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"         # torch.save writes a zip archive
-    if foreign:
-        what = (f"a pickle holding {foreign.group(1)} objects, which torch.load(weights_only=True) "
-                "refuses to run (a whole pickled model or argparse Namespace?)")
-    elif zipped and not zipfile.is_zipfile(path):
-        what = "a torch.save file cut short or damaged (an interrupted copy or download?)"
-    elif not zipped:
-        what = "not a torch.save file"
-    else:
-        first = text.strip().splitlines()[0] if text.strip() else "no reason given"
-        what = f"a torch.save file that cannot be loaded ({first})"
-    raise ValueError(f"cannot read checkpoint {path}: it is {what}; {EXPECTED}")
-
-
 def cosine_lr(step, total_steps, base_lr, warmup_steps=0):
     """Linear warm-up over warmup_steps, then cosine decay from base_lr to 0 at total_steps."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Refusal(ValueError):
+    """Bad input, said in one sentence: a script ends with it instead of a traceback."""
+
+
+def one_line_errors(program):
+    """Decorator of a script's main(): a Refusal, a DataNotFound or a DataError raised anywhere
+    below ends the run with `program: error: sentence` (printed once, by rank 0)."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (Refusal, data.DataNotFound, data.DataError) as e:
+                fail(program, e.sentence() if isinstance(e, data.DataError) else str(e))
+        return run
+    return wrap
 
 
 def run_script(main, program, interrupted_message):
@@ -215,3 +177,130 @@ def run_script(main, program, interrupted_message):
         sys.exit(130)
     except data.DataError as e:
         sys.exit(f"{program}: error: {e.sentence()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows kept by rank, gathered onto rank 0 (the feature banks of cluster.py and monitor.py)
+# ---------------------------------------------------------------------------------------------
+
+def owned(indices, num_samples, device):
+    """Collective: the mask [n] of this rank's indices that it keeps: the first of its repeats,
+    unless a lower rank drew the index too. Raises on every rank when an index anywhere lies
+    outside [0, N) or when one was drawn by no rank."""
+    rank, world_size = rank_world()
+    bad = bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max()) < num_samples
+    # Each index's lowest rank that drew it (world_size: none did); slot N flags a bad index.
+    owner = torch.full((num_samples + 1,), world_size, dtype=torch.int32)
+    if bad:
+        owner[num_samples] = rank
+    else:
+        owner[indices] = rank
+    if world_size > 1:
+        owner = owner.to(device)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN)
+        owner = owner.cpu()
+    if owner[num_samples] < world_size:
+        raise index_error(indices if bad else None, num_samples)
+    missing = int((owner[:num_samples] == world_size).sum())
+    if missing:
+        raise RuntimeError(f"{missing} of {num_samples} dataset indices never came out "
+                           "of the loader")
+    order = torch.argsort(indices, stable=True)
+    ordered = indices[order]
+    first = torch.ones(len(indices), dtype=torch.bool)
+    first[order[1:]] = ordered[1:] != ordered[:-1]
+    return first & (owner[indices] == rank)
+
+
+@torch.no_grad()
+def gather_rows(rows, indices, num_samples, device, dtype=None, step_bytes=1 << 26):
+    """Collective: every rank's rows [n, D] put in dataset-index order on rank 0.
+
+    indices [n] are the rows' dataset indices; over the ranks, every index in [0, N) once (a
+    Shard's). The rows travel in steps of about step_bytes over all ranks (64 MiB), so that
+    rank 0 holds the output and one step, never a second [N, D]. Returns [N, D] CPU in dtype
+    (default the rows') on rank 0, None on the other ranks.
+    """
+    rank, world_size = rank_world()
+    dtype = dtype or rows.dtype
+    if world_size == 1:
+        if dtype == rows.dtype and torch.equal(indices, torch.arange(len(rows))):
+            return rows
+        sizes = torch.tensor([len(rows), rows.shape[1]])
+    else:
+        # A rank may hold no rows at all ([0, 0]): the width comes from the others.
+        sizes = torch.tensor([len(rows), rows.shape[1]], device=device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    most, width = (int(s) for s in sizes)
+    rows = rows.reshape(-1, width)
+    per_step = chunk_rows(world_size * width * rows.element_size(), step_bytes)
+    out = torch.empty(num_samples, width, dtype=dtype) if rank == 0 else None
+    for start in range(0, most, per_step):
+        part, part_indices = rows[start:start + per_step], indices[start:start + per_step]
+        if world_size > 1:
+            pad = per_step - len(part)  # gather needs equal shapes; padded rows have index -1
+            part = F.pad(part.to(device), (0, 0, 0, pad))
+            part_indices = F.pad(part_indices.to(device), (0, pad), value=-1)
+            parts = [torch.empty_like(part) for _ in range(world_size)] if rank == 0 else None
+            index_parts = ([torch.empty_like(part_indices) for _ in range(world_size)]
+                           if rank == 0 else None)
+            dist.gather(part, parts, dst=0)
+            dist.gather(part_indices, index_parts, dst=0)
+            if rank != 0:
+                continue
+        else:
+            parts, index_parts = [part], [part_indices]
+        for part, part_indices in zip(parts, index_parts):
+            part, part_indices = part.cpu(), part_indices.cpu()
+            real = part_indices >= 0
+            out[part_indices[real]] = part[real].to(dtype)
+    return out
+
+
+def index_error(indices, num_samples):
+    """The ValueError for dataset indices outside [0, N); indices None:
+    they were on another rank."""
+    got = ("others on another rank" if indices is None
+           else f"{int(indices.min())}..{int(indices.max())}")
+    return ValueError(f"dataset indices must lie in [0, {num_samples}), got {got}")
+
+
+
+
+def chunk_rows(row_bytes, budget=1 << 27):
+    """Rows per chunk of work, so that a chunk's temporaries stay near budget bytes (128 MiB)."""
+    return max(1, budget // max(1, row_bytes))
+
+
+def check_partition(features, indices, num_samples, device):
+    """Collective: a ValueError on every rank unless the ranks' rows features [n, F] with their
+    dataset indices [n] hold every index in [0, N) exactly once (a cluster.Shard each)."""
+    rank, world = rank_world()
+    bad = (features.dim() != 2 or indices.shape != features.shape[:1]
+           or bool(len(indices)) and not 0 <= int(indices.min()) <= int(indices.max())
+           < num_samples)
+    # How often each index is held, over the ranks (slot N: bad input on some rank); 5 MB at
+    # ImageNet size, for a partition that rank 0's buffer relies on.
+    hits = torch.zeros(num_samples + 1, dtype=torch.int32)
+    hits[num_samples] = int(bad)
+    if not bad:
+        hits[:num_samples] = torch.bincount(indices, minlength=num_samples)
+    if world > 1:
+        hits = hits.to(device)
+        dist.all_reduce(hits)
+        hits = hits.cpu()
+    if hits[num_samples]:
+        raise ValueError(f"every rank must pass features [n, F] and their dataset indices [n] in "
+                         f"[0, {num_samples}), got {tuple(features.shape)} and "
+                         f"{tuple(indices.shape)} here")
+    total = int(hits[:num_samples].sum())
+    if total != num_samples:
+        raise ValueError(f"got {total} features for num_samples={num_samples}")
+    if not (hits[:num_samples] == 1).all():
+        raise ValueError(f"{int((hits[:num_samples] == 0).sum())} dataset indices are on no rank "
+                         "and others on several: give each rank its Shard")
+
+
+def node_threads():
+    """The CPU cores this process may run on: all of the node's unless a launcher pinned it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -17,18 +17,14 @@ OUT=${OUT:-results/cifar10_fork}
 COMMON=(--dataset cifar10 --data "$DATA" --arch resnet18_narrow --epochs "$EPOCHS" --batch-size 512
         --warmup-epochs 1 --knn-every 1 --workers 2)
 
-declare -A ROWS
-while read -r name flags; do
-  [[ -z "$name" || "$name" == \#* ]] && continue
-  ROWS[$name]=${flags//\$TRUNK/$TRUNK}
-done < experiments/fork_rows.txt
-
 for row in "$@"; do
   dir="$OUT/$row"
   if [ -f "$dir/linear_eval.jsonl" ]; then echo "== $row: done, skipped"; continue; fi
   name=${row%_s*} seed=${row##*_s}
-  [[ "$row" =~ _s[0-9]+$ && -n "${ROWS[$name]+x}" ]] || {
-    echo "unknown row $row: give <name>_s<seed>, names: ${!ROWS[*]}"; exit 2; }
+  flags=$(awk -v name="$name" '$1 == name { $1 = ""; print }' experiments/fork_rows.txt)
+  [[ "$row" =~ _s[0-9]+$ && -n "$flags" ]] || {
+    echo "unknown row $row: give <name>_s<seed>, a name of experiments/fork_rows.txt"; exit 2; }
+  flags=${flags//\$TRUNK/$TRUNK}
   mkdir -p "$dir"
   echo "== $row"
   start=$(date +%s)
@@ -43,7 +39,7 @@ print(torch.load(p, weights_only=True)['epoch'] if os.path.exists(p) else 0)")
   fi
   if [ "$name" != trunk ] || [ ${#extra[@]} -gt 0 ]; then
     # shellcheck disable=SC2086
-    python train.py "${COMMON[@]}" ${ROWS[$name]} --seed "$seed" "${extra[@]}" --out "$dir"
+    python train.py "${COMMON[@]}" $flags --seed "$seed" "${extra[@]}" --out "$dir"
   fi
   python linear_eval.py --checkpoint "$dir/checkpoint.pth" --data "$DATA" --cached \
       --out "$dir/linear_eval.jsonl"

@@ -8,39 +8,39 @@ Sections:
     step      one training step of ResNet-50 at 224 px (bf16 autocast, channels_last, LARS and the
               heads' SGD), SPCL and SimCLR on the same inputs already on the GPU: views/s, ms a
               step, peak GPU memory, and the SPCL / SimCLR time ratio.
-    syncs     train.py's own epoch (train.train_one_epoch, in-memory views made on the GPU) under
-              torch.cuda.set_sync_debug_mode: the host-device synchronisations of each step, by
-              line. The steady state should have none between the --log-every reads.
-    features  the feature pass (cluster.extract_features) of ResNet-50 in eval mode: images/s.
+    syncs     train.py's own epoch (in-memory views made on the GPU), run as a child process
+              under torch.cuda.set_sync_debug_mode("warn"): the host-device synchronisations, by
+              line of the repository. The steady state should have none between the --log-every
+              reads (--log-every 1000: one read at the epoch's end).
+    features  the feature pass (monitor.extract_features) of ResNet-50 in eval mode: images/s.
     cluster   the clustering step at ImageNet-1k size (N = 1,281,167 float16 features, F = 2048,
               K = 1000): PCA-whitening and k-means with the machine's threads (faiss on the GPU
               when faiss sees one), seconds and host peak memory.
-    decode    on-disk SimCLR views of ImageNet-sized JPEGs (written here, 256-400 px) made by
-              data.Views's DataLoader workers, views/s with all cores, against torchvision's PIL
-              recipe in the same workers.
-It imports train.py and bench.py (as the tests do), to check train.py's own step and to share
-bench.py's images and torchvision baseline, not copies of them.
+    decode    experiments/bench.py's views_disk section, run as a child process: on-disk SimCLR
+              views of ImageNet-sized JPEGs on one core, against torchvision's PIL recipe.
+It imports library modules only; train.py and bench.py run as child processes.
 """
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
-import bench  # noqa: E402
 import cluster  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
+import monitor  # noqa: E402
 from lars import LARS  # noqa: E402
 from models import SPCLModel, TrainingStep  # noqa: E402
 
@@ -133,45 +133,36 @@ def fake_cifar(root, per_class, size=32):
 
 
 def syncs(args, device):
-    """train.train_one_epoch under the sync debug mode, each synchronisation told by its step."""
-    root = tempfile.mkdtemp()
-    fake_cifar(root, per_class=args.sync_images // 10)
-    per_step, where, real = {}, {}, train.train_one_epoch
-
-    def note(message, category, filename, lineno, file=None, line=None):
-        # Called as the warning is raised: the stack says which line of the repo synchronised.
-        stack = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack()
-                 if os.path.dirname(os.path.abspath(f.filename)) == os.path.dirname(HERE)]
-        s = train.progress["step"]
-        per_step[s] = per_step.get(s, 0) + 1
-        key = " < ".join(reversed(stack[-3:]))
-        where[key] = where.get(key, 0) + 1
-
-    def watched(*a, **k):
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = note                # restored by catch_warnings
-            if device.type == "cuda":                 # (on the CPU: the epoch runs, uncounted)
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return real(*a, **k)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode(0)
-
-    train.train_one_epoch = watched
+    """train.py's epoch in a child process under the sync debug mode: each synchronisation's
+    warning names its line; those of the repository's files are counted."""
+    root, out = tempfile.mkdtemp(), tempfile.mkdtemp()
     try:
-        out = tempfile.mkdtemp()
-        train.main(["--dataset", "cifar10", "--data", root, "--out", out, "--arch", args.sync_arch,
-                    "--epochs", "1", "--batch-size", "128", "--num-prototypes", "16",
-                    "--log-every", "1000", "--workers", "0"])
+        fake_cifar(root, per_class=args.sync_images // 10)
+        argv = ["train.py", "--dataset", "cifar10", "--data", root, "--out", out, "--arch",
+                args.sync_arch, "--epochs", "1", "--batch-size", "128", "--num-prototypes", "16",
+                "--log-every", "1000", "--workers", "0"]
+        child = ("import runpy, sys, torch\n"
+                 "if torch.cuda.is_available():\n"
+                 "    torch.cuda.set_sync_debug_mode('warn')\n"
+                 f"sys.argv = {argv!r}\n"
+                 "runpy.run_path('train.py', run_name='__main__')\n")
+        done = subprocess.run([sys.executable, "-W", "always", "-c", child], cwd=ROOT,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-1500:])
+        where = {}
+        for line in done.stderr.splitlines():
+            found = re.match(r"(/\S+\.py):(\d+): UserWarning: called a synchronizing", line)
+            if found and os.path.dirname(os.path.abspath(found[1])) == ROOT:
+                key = f"{os.path.basename(found[1])}:{found[2]}"
+                where[key] = where.get(key, 0) + 1
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            steps = round(json.loads(f.readline())["images_seen"] / 128)
+        emit("syncs", counted=device.type == "cuda", steps=steps, where=where,
+             train_one_epoch_syncs=sum(n for k, n in where.items() if k.startswith("train.py")))
     finally:
-        train.train_one_epoch = real
-    steps = train.progress["steps"]
-    steady = {s: n for s, n in per_step.items() if s is not None and 3 <= s < steps}
-    emit("syncs", counted=device.type == "cuda", steps=steps,
-         syncs_by_step={str(k): v for k, v in sorted(per_step.items(), key=str)},
-         steady_state_syncs=sum(steady.values()), where=where)
+        shutil.rmtree(root)
+        shutil.rmtree(out)
 
 
 def features(args, device):
@@ -190,7 +181,7 @@ def features(args, device):
             model.encoder(x)
     sync(device)
     start = time.perf_counter()
-    cluster.extract_features(model.encoder, loader, n, device, amp_dtype=amp)
+    monitor.extract_features(model.encoder, loader, n, device, amp_dtype=amp)
     sync(device)
     seconds = time.perf_counter() - start
     emit("features", arch=args.arch, images=n, size=args.size, seconds=round(seconds, 2),
@@ -221,53 +212,15 @@ def clustering(args, device):
          host_peak_gb_before_clustering=round(before, 2), empty_clusters=stats[0]["empty_clusters"])
 
 
-class _Recipe(torch.utils.data.Dataset):
-    """Two views of each image by torchvision's PIL recipe (bench.torchvision_simclr)."""
-
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, i):
-        image = self.folder[i][0]
-        return self.transform(image), self.transform(image)
-
-
 def decode(args, device):
-    """views/s of the on-disk pipeline with all cores against torchvision's PIL recipe."""
-    root = tempfile.mkdtemp()
-    folder, _ = bench.jpeg_folder(root, args.jpegs)           # 256-400 px JPEGs with grain
-    workers = len(os.sched_getaffinity(0))
-    mean_std = data.MEAN_STD["imagenet"]
-    views = data.Views(folder, 224, mean_std, jitter=1.0, workers=workers, device=device)
-    batches = torch.arange(len(folder)).split(128)
-    recipe = _Recipe(folder, bench.torchvision_simclr(224, 1.0, mean_std))
-    loader = torch.utils.data.DataLoader(recipe, batch_size=128, num_workers=workers,
-                                         persistent_workers=True,
-                                         pin_memory=device.type == "cuda")
-
-    def ours(epoch):
-        for _ in views.batches(batches, "simclr", key=(0, 0, epoch, 0), copies=2):
-            pass
-        sync(device)
-
-    def pil(epoch):
-        for x1, x2 in loader:
-            x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)
-        sync(device)
-
-    rates = {}
-    for name, fn in (("views", ours), ("pil_recipe", pil)):
-        fn(0)                                                   # warm-up: workers, page cache
-        start = time.perf_counter()
-        for epoch in range(1, 3):
-            fn(epoch)
-        rates[name] = 2 * 2 * len(folder) / (time.perf_counter() - start)
-    emit("decode", images=len(folder), workers=workers,
-         views_per_second=round(rates["views"]), pil_views_per_second=round(rates["pil_recipe"]),
-         ratio=round(rates["views"] / rates["pil_recipe"], 2))
+    """experiments/bench.py --only views_disk as a child: its JSON line, re-emitted."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--only", "views_disk",
+                           "--repeat", "2" if args.smoke else "6"], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-1500:])
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    emit("decode", **{k: v for k, v in line.items() if k != "section"})
 
 
 SECTIONS = {"env": env, "step": step, "syncs": syncs, "features": features,
@@ -283,11 +236,10 @@ def main():
     full = dict(arch="resnet50", size=224, batch=256, warmup=5, steps=15, sync_images=1280,
                 sync_arch="resnet18",
                 feature_batches=16, cluster_n=1_281_167, cluster_f=2048, cluster_k=1000,
-                kmeans_iters=20, jpegs=2048)
+                kmeans_iters=20)
     smoke = dict(arch="resnet18_narrow", size=32, batch=16, warmup=1, steps=2, sync_images=320,
                  sync_arch="resnet18_narrow",
-                 feature_batches=2, cluster_n=2000, cluster_f=64, cluster_k=10, kmeans_iters=5,
-                 jpegs=40)
+                 feature_batches=2, cluster_n=2000, cluster_f=64, cluster_k=10, kmeans_iters=5)
     for key, value in (smoke if args.smoke else full).items():
         setattr(args, key, value)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

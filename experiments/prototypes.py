@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cluster  # noqa: E402
+import monitor  # noqa: E402
 import data     # noqa: E402
 
 
@@ -53,8 +53,8 @@ def main(argv=None):
         if K == len(assignments):
             print(f"| {path} | {state['epoch']} | - | no prototypes (SimCLR) | - |")
             continue
-        print(f"| {path} | {state['epoch']} | {K} | {cluster.nmi(assignments, targets[name]):.3f} "
-              f"| {cluster.same_class_pairs(assignments, targets[name]):.3f} |")
+        print(f"| {path} | {state['epoch']} | {K} | {monitor.nmi(assignments, targets[name]):.3f} "
+              f"| {monitor.same_class_pairs(assignments, targets[name]):.3f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ A run folder holds metrics.jsonl (train.py), linear_eval.jsonl (linear_eval.py -
 top-1" is its last --cached result, each mode read by name) and row.json (wall-clock, optional);
 the untrained-encoder row has knn.jsonl instead of metrics.jsonl. "kNN top-1" is the last epoch's
 kNN monitor, else the last linear_eval.py --knn result; "same-class pairs" is the last epoch's
-share of same-prototype pairs whose two images share a class (cluster.same_class_pairs).
+share of same-prototype pairs whose two images share a class (monitor.same_class_pairs).
 Folders that are not finished rows are listed on stderr with the reason. RESULTS_FOLDER may also
 be one run folder. Rows whose names differ only in their _sN seed suffix are also summarised as
 mean and half-range.

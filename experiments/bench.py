@@ -1,8 +1,8 @@
 """Performance benchmark: every number is a ratio against a baseline measured in the same run,
 because shared machines are noisy. Runs on the CPU or, when present, one GPU.
 
-    python bench.py                      # every section
-    python bench.py --only nt_xent,lars  # some of them
+    python experiments/bench.py                      # every section
+    python experiments/bench.py --only nt_xent,lars  # some of them
 
 Sections and their targets:
     nt_xent   losses.nt_xent forward+backward against a minimal NT-Xent (normalise, one matmul,
@@ -54,16 +54,17 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2 as T
 
-import data
-import runtime
-from cluster import distributed_kmeans, run_kmeans
-from lars import LARS
-from losses import nt_xent
-from models import SPCLModel, TrainingStep
-from sampler import PrototypePairSampler
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data      # noqa: E402
+import runtime   # noqa: E402
+from cluster import distributed_kmeans, run_kmeans  # noqa: E402
+from lars import LARS  # noqa: E402
+from losses import nt_xent  # noqa: E402
+from models import SPCLModel, TrainingStep  # noqa: E402
+from sampler import PrototypePairSampler  # noqa: E402
 
-CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
-                       "cifar10")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar10")
 
 
 def _sync(device):
@@ -411,7 +412,7 @@ def bench_epoch(device, repeat):
     with tempfile.TemporaryDirectory() as out:
         # Epoch 1 of 2: its clustering runs on a trained encoder, like every epoch after the first.
         subprocess.run([sys.executable,
-                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                        os.path.join(ROOT, "train.py"),
                         "--dataset", "cifar10", "--data", CIFAR10, "--arch", "resnet18_narrow",
                         "--epochs", "2", "--batch-size", "512", "--num-prototypes", "512",
                         "--warmup-epochs", "1", "--out", out], check=True)
