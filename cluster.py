@@ -17,7 +17,6 @@ broadcasts the assignments. `centroid_heads` makes prototype heads from the clus
 import time
 from typing import NamedTuple
 
-import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -25,6 +24,11 @@ import torch.nn.functional as F
 
 import data
 import runtime
+
+try:
+    import faiss
+except ImportError:            # torch_kmeans stands in (kmeans_backend)
+    faiss = None
 
 
 class Shard(NamedTuple):
@@ -183,32 +187,34 @@ def run_kmeans_multi(features, ks, seed=0, niter=20, pca_dim=256, device=None, b
 
 def kmeans_backend(backend=None, device=None):
     """(backend, device) of a k-means: on a CUDA device faiss-gpu runs on that one GPU when it
-    sees one, and torch_kmeans runs there when it does not (a GPU without faiss-gpu, the package
-    users of clustering-based methods most often cannot install); on the CPU faiss runs on every
-    core. backend "faiss" or "torch" chooses instead (torch_kmeans also runs on the CPU)."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    device = torch.device(device)
+    sees one, and torch_kmeans runs there when it does not (faiss-gpu is what users of clustering
+    methods most often cannot install); on the CPU faiss runs on every core (torch_kmeans without
+    faiss). backend "faiss" or "torch" chooses instead."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:              # faiss needs the number
+        device = torch.device("cuda", torch.cuda.current_device())
     faiss_gpu = device.type == "cuda" and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
     if backend not in (None, "faiss", "torch"):
         raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
-    backend = backend or ("faiss" if faiss_gpu or device.type != "cuda" else "torch")
+    if backend == "faiss" and faiss is None:
+        raise ValueError("k-means with faiss, but faiss is not installed (pip install faiss-cpu "
+                         "or faiss-gpu, or use torch's k-means)")
+    backend = backend or ("faiss" if faiss and (faiss_gpu or device.type != "cuda") else "torch")
     if backend == "faiss" and not faiss_gpu:
         device = torch.device("cpu")
     return backend, device
 
 
 def _kmeans(x, ks, seed, niter, backend, stats):
-    """k-means of the pre-processed rows x [N, d] (float32 CPU tensor) for every k:
-    run_kmeans_multi's results, each stats dict starting from `stats`. backend: kmeans_backend's.
-    Under torchrun OMP_NUM_THREADS is 1 when a node runs several ranks; the other ranks wait for
-    this k-means, so on the CPU it takes every core of the node, then gives them back."""
+    """run_kmeans_multi's results for the whitened rows x [N, d] (float32 CPU). Under torchrun
+    OMP_NUM_THREADS is 1 when a node runs several ranks; the others wait for this k-means, so on
+    the CPU it takes every core of the node, then gives them back."""
     name, device = backend
-    threads = faiss.omp_get_max_threads(), torch.get_num_threads()
+    threads = faiss and faiss.omp_get_max_threads(), torch.get_num_threads()
     if device.type == "cpu":
-        faiss.omp_set_num_threads(runtime.node_threads())
         torch.set_num_threads(runtime.node_threads())
+        if faiss:
+            faiss.omp_set_num_threads(runtime.node_threads())
     try:
         results = []
         for k in ks:
@@ -228,8 +234,9 @@ def _kmeans(x, ks, seed, niter, backend, stats):
                 if name == "torch" else faiss.omp_get_max_threads())))
         return results
     finally:
-        faiss.omp_set_num_threads(threads[0])
         torch.set_num_threads(threads[1])
+        if faiss:
+            faiss.omp_set_num_threads(threads[0])
 
 
 def _faiss_kmeans(x, k, seed, niter, gpu=None):

@@ -575,3 +575,25 @@ def shard(n, rank, world, batch_size):
     without shuffling, padded with repeats to equal shares (a repeat lands on its own row again)."""
     indices = list(torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=False))
     return torch.as_tensor(indices, dtype=torch.int64).split(batch_size)
+
+
+def synthetic_jpegs(root, n, seed=0, sources=None):
+    """An ImageFolder tree root/c0/*.jpg of n JPEGs (quality 90) with sides drawn from 256-400 px,
+    for benchmarks of the on-disk path: the images of the ImageFolder tree `sources` (e.g.
+    CIFAR-10's test split) enlarged, or enlarged noise, with grain (std 16 levels) for some 3.6
+    bits per pixel (ImageNet's average file, ~110 kB at ~470 x 390 px, has ~4.8), so that
+    decoding costs what it costs on photographs. Returns (the tree, whether sources were used)."""
+    rng = np.random.default_rng(seed)
+    paths = None
+    if sources and os.path.isdir(sources):
+        samples = torchvision.datasets.ImageFolder(sources).samples
+        paths = [samples[i][0] for i in rng.choice(len(samples), n, replace=False)]
+    os.makedirs(os.path.join(root, "c0"))
+    for i in range(n):
+        small = (read_image(paths[i]) if paths else
+                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+        w, h = (int(v) for v in rng.integers(256, 401, 2))
+        pixels = np.asarray(small.resize((w, h), Image.BICUBIC)) + rng.normal(0, 16, (h, w, 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+            os.path.join(root, "c0", f"{i}.jpg"), quality=90)
+    return torchvision.datasets.ImageFolder(root, loader=read_image), paths is not None

@@ -105,13 +105,10 @@ class SPCLModel(nn.Module):
 
 class TrainingStep(nn.Module):
     """One forward gives Eq. 5's loss: the module DDP wraps, so that every parameter that the loss
-    uses runs inside its forward() and gets its gradient synchronised.
-
-    forward(v1, v2 [2P, 3, S, S], same [P], assignments [2P, H], use_prototypes) -> (loss, terms),
-    the two views of P anchors followed by their P partners. use_prototypes False drops Eq. 3 and
-    4 (plain SimCLR, as in the warm-up epochs of --proto-start-epoch). loss_settings: the keyword
-    arguments of losses.spcl_loss (w_con, w_metric, w_proto, temperature, contrast, group, ...).
-    """
+    uses runs inside its forward() and gets its gradient synchronised. forward(v1, v2 [2P, 3, S,
+    S], same [P], assignments [2P, H], use_prototypes) -> (loss, terms): the two views of P anchors
+    then their P partners; use_prototypes False drops Eq. 3 and 4 (SimCLR's warm-up epochs).
+    loss_settings: losses.spcl_loss's keyword arguments (w_con, temperature, contrast, group...)."""
 
     def __init__(self, model, **loss_settings):
         super().__init__()

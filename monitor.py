@@ -136,21 +136,25 @@ class LossTable:
 
 
 @torch.no_grad()
-def similarity_probe(model, views, targets, device, size=2048):
+def similarity_probe(model, views, targets, device, size=2048, batch=128):
     """The TP / FN / TN similarities of the paper's Fig. 2b, measured the same way for every
     method: the mean cosine similarity between the two views of an image (true positives), of two
     images of one class (false negatives) and of two classes (true negatives), over a fixed set of
     training images with fixed views (the same every epoch), in eval mode; in projection space z
     (sim_tp, ...), as the paper, and on the encoder features h that Eq. 3-4 and the linear probe
     read (sim_tp_h, ...). A kind of pair that the set lacks (two classes in a one-class dataset)
-    gives None."""
+    gives None. On disk the views come in batches of `batch` images that the DataLoader workers
+    share (the views are a function of the key and the image, not of the batching); all of them
+    in one batch would be one worker's, 25-40 s at 224 px while the other ranks wait."""
     g = torch.Generator().manual_seed(4321)
     idx = torch.randperm(len(targets), generator=g)[:size].sort().values
     targets = targets[idx].to(device)
     model.eval()
-    (x1, x2), _, _ = next(iter(views.batches([idx], "simclr", key=g, copies=2)))
-    outputs = [[model(v.contiguous(memory_format=torch.channels_last)) for v in x.split(512)]
-               for x in (x1, x2)]
+    outputs = [[], []]                                      # (h, z) of view 1, of view 2
+    for pair, _, _ in views.batches([idx] if views.in_memory else idx.split(batch), "simclr",
+                                    key=g, copies=2):
+        for out, x in zip(outputs, pair):
+            out += [model(v.contiguous(memory_format=torch.channels_last)) for v in x.split(512)]
     model.train()
     same_class = targets[:, None] == targets[None, :]
     other = ~torch.eye(len(idx), dtype=torch.bool, device=device)

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -63,6 +64,26 @@ CIFAR10 = os.path.join(HERE, "..", "shared", "data", "cifar10")
 # ---------------------------------------------------------------------------------------------
 # Shared fixtures and helpers: real CIFAR-10 images, train.py's arguments and outputs
 # ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_folder_untouched(tmp_path_factory):
+    """Everything the suite runs (torchrun's logs, tempfile folders of the scripts) writes its
+    temporary files under pytest's own folder (pytest.ini puts it in .pytest_tmp), and the
+    system temp folder ends the suite with no new entry."""
+    system = tempfile.gettempdir()
+    before = set(os.listdir(system))
+    own = str(tmp_path_factory.mktemp("tmp"))
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = own, None
+    yield
+    if saved is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+    left = sorted(set(os.listdir(system)) - before)
+    assert not left, f"the suite left {left} in {system}"
+
 
 needs_cifar = pytest.mark.skipif(not os.path.isdir(os.path.join(CIFAR10, "train")),
                                  reason="needs the real CIFAR-10 JPEGs in ../shared/data/cifar10")
@@ -815,6 +836,12 @@ def test_kmeans_on_a_gpu_asks_for_that_one_gpu_only(monkeypatch):
     assert cluster.kmeans_backend("faiss", cuda) == ("faiss", torch.device("cpu"))
     assert cluster.kmeans_backend(None, "cpu") == ("faiss", torch.device("cpu"))
     assert cluster.kmeans_backend("torch", "cpu") == ("torch", torch.device("cpu"))
+    # Without faiss at all (it failed to install): torch's k-means, on the CPU too.
+    monkeypatch.setattr(cluster, "faiss", None)
+    assert cluster.kmeans_backend(None, "cpu") == ("torch", torch.device("cpu"))
+    with pytest.raises(ValueError, match="faiss is not installed"):
+        cluster.kmeans_backend("faiss", "cpu")
+    assert run_kmeans(x, 3, seed=0, device="cpu")[2]["backend"] == "torch-cpu"
 
 
 def test_kmeans_runs_faiss_on_every_core_and_gives_the_threads_back(monkeypatch):
@@ -1275,6 +1302,22 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     assert folder.transform is None                      # no view is ever written into the dataset
 
 
+def test_similarity_probe_on_disk_is_the_same_in_small_batches(tmp_path):
+    # On disk the probe's views come in small batches that the DataLoader workers share; a view
+    # is a function of the key and the image, so the batching changes nothing measured.
+    root = _jpeg_tree(tmp_path, classes=4, per_class=12, splits=("train",))
+    folder = torchvision.datasets.ImageFolder(os.path.join(root, "train"), loader=data.read_image)
+    views = data.Views(folder, 32, data.MEAN_STD["cifar10"], workers=2)
+    torch.manual_seed(0)
+    model = SPCLModel("resnet18_narrow", True)
+    targets = torch.as_tensor(folder.targets)
+    probe = lambda batch: monitor.similarity_probe(model, views, targets, torch.device("cpu"),
+                                                   size=40, batch=batch)
+    whole, small = probe(40), probe(8)
+    assert set(whole) == {"sim_tp", "sim_fn", "sim_tn", "sim_tp_h", "sim_fn_h", "sim_tn_h"}
+    assert small == pytest.approx(whole, rel=1e-5, abs=1e-6)
+
+
 class _WorkerPids(torch.utils.data.Dataset):
     """A dataset's images with the id of the process that read each as its target."""
 
@@ -1446,8 +1489,8 @@ def test_loss_falls_on_one_fixed_batch(small_cifar):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def _run(cmd, **kw):
-    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240, **kw)
+def _run(cmd, timeout=240, **kw):
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _same_run(straight, other):
@@ -1630,7 +1673,7 @@ def test_the_reading_path_keeps_its_line_budget():
 
 
 @pytest.mark.parametrize("cores,local_world,want", [
-    (2, 1, 2), (16, 1, 8), (96, 8, 8), (32, 8, 4), (4, 8, 1), (1, 1, 1), (7, 2, 3)])
+    (2, 1, 1), (16, 1, 15), (224, 8, 27), (32, 8, 3), (4, 8, 1), (1, 1, 1), (7, 2, 2)])
 def test_default_workers_share_the_cores_among_the_ranks_of_a_node(cores, local_world, want):
     assert runtime.default_workers(cores, local_world) == want
 
@@ -1640,9 +1683,9 @@ def test_workers_flag_defaults_from_affinity_and_local_world_size(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     for get_args in (train.get_args,
                      lambda argv: linear_eval.get_args(["--checkpoint", "c"] + argv)):
-        assert get_args([]).workers == 24 // 4 and get_args(["--workers", "0"]).workers == 0
+        assert get_args([]).workers == 24 // 4 - 1 and get_args(["--workers", "0"]).workers == 0
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert train.get_args([]).workers == 8
+    assert train.get_args([]).workers == 23
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -2588,15 +2631,21 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch):
 def test_gpu_check_runs_every_section_at_toy_sizes():
     # The GPU check waits for a session with a GPU: --smoke runs its sections on the CPU, so that
     # it does not rot meanwhile. Every section prints one JSON line and none reports an error.
-    result = _run([sys.executable, os.path.join("experiments", "gpu_check.py"), "--smoke"])
+    result = _run([sys.executable, os.path.join("experiments", "gpu_check.py"), "--smoke"],
+                  timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     lines = [line for line in lines if "section" in line]      # not train.py's own epoch line
     assert [line["section"] for line in lines] == ["env", "step", "step", "step", "syncs",
-                                                    "features", "cluster", "decode"]
+                                                    "features", "cluster", "kmeans", "torchrun",
+                                                    "pipeline", "decode", "decode"]
     assert not [line for line in lines if "error" in line], lines
-    cluster_line = next(line for line in lines if line["section"] == "cluster")
-    assert cluster_line["empty_clusters"] == 0 and cluster_line["k"] == 10
+    by_section = {line["section"]: line for line in lines}
+    assert by_section["cluster"]["empty_clusters"] == 0 and by_section["cluster"]["k"] == 10
+    kmeans = by_section["kmeans"]
+    assert kmeans["torch_backend"] == "torch-cpu" and kmeans["nmi"] > 0.5
+    assert by_section["torchrun"]["epochs"] == [1, 2] and by_section["torchrun"]["resumed"]
+    assert 0 <= by_section["pipeline"]["idle_share"] < 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -460,11 +460,11 @@ def build(args, config, train_set, test_set, device):
     model = model.to(device, memory_format=torch.channels_last)
     if args.pca_dim is None:        # whitening at full rank would make noise signal
         args.pca_dim = min(256, model.feature_dim // 2)
+    group = dist.group.WORLD if dist.is_initialized() else None     # torchrun, of any size
     step = TrainingStep(model, w_con=args.w_con, w_metric=args.w_metric, w_proto=args.w_proto,
-                        temperature=args.temperature, contrast=args.contrast,
-                        proto_loss=args.proto_loss, same_image_pairs=not args.no_same_image_pairs,
-                        group=dist.group.WORLD if world > 1 else None)
-    if world > 1:
+                        temperature=args.temperature, contrast=args.contrast, group=group,
+                        proto_loss=args.proto_loss, same_image_pairs=not args.no_same_image_pairs)
+    if group is not None:
         # Heads idle during the SimCLR warm-up, or the projector with --w-con 0, get no gradient:
         # only then must DDP search the graph for unused parameters.
         step = nn.parallel.DistributedDataParallel(

@@ -60,6 +60,7 @@ import runtime   # noqa: E402
 from cluster import distributed_kmeans, run_kmeans  # noqa: E402
 from lars import LARS  # noqa: E402
 from losses import nt_xent  # noqa: E402
+import monitor  # noqa: E402
 from models import SPCLModel, TrainingStep  # noqa: E402
 from sampler import PrototypePairSampler  # noqa: E402
 
@@ -181,7 +182,8 @@ def bench_lars(device, repeat):
 
 
 def bench_kmeans(device, repeat):
-    print("== kmeans: faiss k-means (target: no slower than scikit-learn; CIFAR-10 size <= 5 s)")
+    print("== kmeans: faiss k-means (target: no slower than scikit-learn; CIFAR-10 size <= 5 s); "
+          "cluster.torch_kmeans on the same rows and cores")
     x = np.random.default_rng(0).normal(size=(100_000, 128)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)     # unit rows: pca_dim=0 leaves them as they are
     try:
@@ -189,15 +191,20 @@ def bench_kmeans(device, repeat):
     except ImportError:
         KMeans = None
         print("scikit-learn is not installed: pip install scikit-learn for the comparison")
-    faiss_s, sklearn_s = [], []
+    faiss_s, sklearn_s, torch_s = [], [], []
     for _ in range(2):  # in turns, best of two: the machine may be shared
-        faiss_s.append(run_kmeans(x, 1000, seed=0, niter=20, pca_dim=0)[2]["seconds"])
+        faiss_s.append(run_kmeans(x, 1000, seed=0, niter=20, pca_dim=0, device="cpu",
+                                  backend="faiss")[2]["seconds"])
+        torch_s.append(run_kmeans(x, 1000, seed=0, niter=20, pca_dim=0, device="cpu",
+                                  backend="torch")[2]["seconds"])
         if KMeans is not None:
             start = time.perf_counter()
             KMeans(1000, init="random", n_init=1, max_iter=20, tol=0, algorithm="lloyd",
                    random_state=0).fit(x)
             sklearn_s.append(time.perf_counter() - start)
-    line = f"100k x 128, K=1000, 20 iterations: faiss {min(faiss_s):.2f} s"
+    line = (f"100k x 128, K=1000, 20 iterations, {runtime.node_threads()} cores: faiss "
+            f"{min(faiss_s):.2f} s, torch {min(torch_s):.2f} s, ratio torch / faiss "
+            f"{min(torch_s) / min(faiss_s):.2f}")
     if sklearn_s:
         line += (f", scikit-learn {min(sklearn_s):.2f} s, ratio scikit-learn / faiss "
                  f"{min(sklearn_s) / min(faiss_s):.2f}")
@@ -566,10 +573,34 @@ def bench_cluster_scale(device, repeat, n=IMAGENET_TRAIN, niter=20, world=8):
     print(json.dumps(result))
 
 
+class _Pooled(torch.nn.Module):
+    """A stand-in model (h = z = the mean colour) that costs nothing beside making views."""
+
+    def forward(self, x):
+        return x.mean((2, 3)), x.mean((2, 3))
+
+
+def bench_probe_disk(device, repeat):
+    print("== probe_disk: the Fig. 2b probe's views on disk (256-400 px JPEGs, 224 px views, all "
+          "cores as DataLoader workers), in one batch / in batches of 64 (the wait of the others)")
+    n, workers = 512, max(1, runtime.node_threads())
+    with tempfile.TemporaryDirectory() as root:
+        folder, _ = jpeg_folder(root, n)
+        views = data.Views(folder, 224, data.MEAN_STD["imagenet"], jitter=1.0, workers=workers)
+        targets = torch.as_tensor(folder.targets)
+        probe = lambda batch: monitor.similarity_probe(_Pooled(), views, targets,
+                                                       torch.device("cpu"), size=n, batch=batch)
+        t_one, t_small = interleaved([lambda: probe(n), lambda: probe(64)], torch.device("cpu"),
+                                     max(1, repeat // 5))
+    print(json.dumps({"section": "probe_disk", "images": n, "workers": workers,
+                      "seconds_one_batch": round(t_one, 2), "seconds_batches_of_64":
+                      round(t_small, 2), "ratio": round(t_one / t_small, 2)}))
+
+
 SECTIONS = {"nt_xent": bench_nt_xent, "lars": bench_lars, "kmeans": bench_kmeans,
             "sampler": bench_sampler, "step": bench_step, "step_input": bench_step_input,
             "augment": bench_augment, "views_disk": bench_views_disk, "epoch": bench_epoch,
-            "cluster_scale": bench_cluster_scale}
+            "cluster_scale": bench_cluster_scale, "probe_disk": bench_probe_disk}
 
 
 def main():

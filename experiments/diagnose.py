@@ -181,7 +181,7 @@ def gradients(model, ckpt, views, targets, args):
                     (total if t == "total" else grads[t])[i].flatten(), grads["con"][i].flatten(),
                     0)) for i in range(len(weights))]
                 row[f"layer_cos_{t}_con"] = float(np.mean(per_layer))
-        row.update({f"loss_{t}": float(v) for t, v in losses.items()})
+        row.update({f"loss_{t}": v.item() for t, v in losses.items()})
         rows.append(row)
     keys = [k for k in rows[0] if k != "step"]
     last = rows[-max(1, len(rows) // 5):]
