@@ -88,10 +88,15 @@ def atomic_save(obj, path, keep_previous=False):
     where links are not supported), so the last two checkpoints exist at every moment."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:                      # a full disk, Ctrl-C: no half file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if keep_previous and os.path.exists(path):
         previous, staged = previous_path(path), previous_path(path) + ".tmp"
         if os.path.exists(staged):

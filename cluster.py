@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import runtime
@@ -49,9 +50,9 @@ def shard_features(encoder, loader, num_samples, device, storage_dtype=torch.flo
     drawn by some rank, or every rank raises. device: the encoder's and the collective's (NCCL
     needs CUDA); amp_dtype: autocast's, or None. Returns a Shard (features [n, F] CPU,
     storage_dtype; fp16 halves the memory), rows in the order drawn."""
-    device = torch.device(device)
-    parts = []
-    for images, batch_targets, indices in loader:
+    device, parts = torch.device(device), []
+    for images, batch_targets, indices in tqdm(loader, "feature pass", leave=False,
+                                               disable=runtime.rank_world()[0] != 0):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             batch_features = encoder(images.to(device, non_blocking=True))  # [B, F]
         parts.append((batch_features.to(storage_dtype).cpu(),
@@ -226,6 +227,8 @@ def _kmeans(x, ks, seed, niter, backend, stats):
                 assignments, centroids, distances = _faiss_kmeans(x.numpy(), k, seed, niter,
                                                                   device.index)
             sizes = np.bincount(assignments, minlength=k)
+            print(f"k-means K={k} of {len(x)} rows ({name}, {device}): "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
             results.append((assignments.astype(np.int64), centroids, dict(
                 stats, objective=float(distances.sum(dtype=np.float64)), size_min=int(sizes.min()),
                 size_median=float(np.median(sizes)), size_max=int(sizes.max()),

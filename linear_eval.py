@@ -66,6 +66,8 @@ def get_args(argv=None):
     p.add_argument("--knn-temperature", type=float, default=0.1)
     p.add_argument("--export", metavar="PATH",
                    help="write the encoder as a torchvision state dict and stop")
+    p.add_argument("--force", action="store_true",
+                   help="let --export replace an existing file (a checkpoint included)")
     p.add_argument("--subset", type=int, default=0,
                    help="a fixed random subset of N training images")
     p.add_argument("--test-subset", type=int, default=0,
@@ -82,9 +84,43 @@ def fail(message, master=None):
 
 
 def result_path(out):
-    """The JSONL file that --out names: out itself, or linear_eval.jsonl in the folder out."""
-    return (os.path.join(out, "linear_eval.jsonl") if os.path.isdir(out) or out.endswith(os.sep)
-            else out)
+    """The JSONL file that --out names: out itself when it ends in .jsonl, else linear_eval.jsonl
+    in the folder out (made when missing); a Refusal for any other file, which a JSON line would
+    damage (a checkpoint, say)."""
+    if out.endswith(".jsonl") and not os.path.isdir(out):
+        return out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise runtime.Refusal(f"--out {out!r} is a file, not a .jsonl file or a folder: give a "
+                              "folder (for linear_eval.jsonl) or a .jsonl file")
+    return os.path.join(out, "linear_eval.jsonl")
+
+
+def export(encoder, info, path, force):
+    """--export: the encoder to path (checkpoint.export_encoder, atomic), refusing a folder, and
+    an existing file without --force."""
+    if os.path.isdir(path):
+        raise runtime.Refusal(f"--export {path!r} is a folder; give a file path, such as "
+                              f"{os.path.join(path, info['arch'] + '_encoder.pth')}")
+    if os.path.exists(path) and not force:
+        what = "a train.py checkpoint" if _is_checkpoint(path) else "a file"
+        raise runtime.Refusal(f"--export {path!r} already holds {what}; give another path, or add "
+                              "--force to replace it")
+    why = checkpoint.check_writable(path)
+    if why:
+        raise runtime.Refusal(f"--export {path!r} cannot be written ({why})")
+    try:
+        export_encoder(encoder, path)
+    except OSError as e:                       # a full disk, say; atomic: nothing half-written
+        raise runtime.Refusal(f"--export {path!r} could not be written ({e.strerror or e})")
+    print(f"wrote the {info['arch']} encoder "
+          f"({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) to {path}")
+
+
+def _is_checkpoint(path):
+    try:
+        return "optimizer" in checkpoint.read_file(path)
+    except (runtime.Refusal, TypeError):
+        return False
 
 
 def write_result(result, out):
@@ -151,6 +187,7 @@ def linear_probe(args, encoder, info, splits, epochs, rank, world, device, amp_d
             "top5": top5, "world_size": world}
 
 
+@runtime.one_line_errors("linear_eval.py")
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = runtime.setup_script("linear_eval.py", args.timeout)
@@ -163,11 +200,10 @@ def main(argv=None):
         fail(str(e), master)
     if args.export:
         if master:
-            export_encoder(encoder, args.export)
-            print(f"wrote the {info['arch']} encoder "
-                  f"({'CIFAR' if info['cifar_stem'] else 'ImageNet'} stem) to {args.export}")
+            export(encoder, info, args.export, args.force)
         return None
-    why = runtime.on_rank0(lambda: args.out and checkpoint.check_writable(result_path(args.out)))
+    out = result_path(args.out) if args.out else None
+    why = runtime.on_rank0(lambda: out and checkpoint.check_writable(out))
     if why:
         fail(f"--out {args.out!r} cannot be written ({why}); give a file or folder you can "
              "write to", master)

@@ -133,19 +133,12 @@ class PrototypePairSampler(torch.utils.data.Sampler):
             raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, "
                              f"num_replicas={num_replicas}")
         if batch_size <= 0 or batch_size % (2 * num_replicas):
-            raise ValueError(
-                f"batch_size={batch_size} must be a positive multiple of 2 * num_replicas = "
-                f"{2 * num_replicas}"
-            )
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of 2 * "
+                             f"num_replicas = {2 * num_replicas}")
         if not 0.0 <= p_same <= 1.0:
             raise ValueError(f"p_same must be in [0, 1], got {p_same}")
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.seed = seed
-        self.p_same = p_same
-        self.drop_last = drop_last
-        self.epoch = 0
+        self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
+        self.seed, self.p_same, self.drop_last, self.epoch = seed, p_same, drop_last, 0
         self.set_assignments(assignments)
 
     def set_epoch(self, epoch):

@@ -18,6 +18,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+if os.environ.get("RANK", "0") != "0":       # torch's C++ warnings (DDP's...) from rank 0 alone
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -122,8 +124,7 @@ def main(argv=None):
 
         # 4. Monitor: the kNN every --knn-every epochs, whose train features (the next epoch's
         # weights, evaluation view) serve the next clustering; the Fig. 2b probe.
-        knn = bool(args.knn_every) and ((epoch + 1) % args.knn_every == 0
-                                        or epoch + 1 == args.epochs)
+        knn = args.knn_every > 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
         measured, shard = monitor.after_epoch(t.model, t.views, t.test_views, knn, device,
                                               t.amp_dtype)
         bank = None if args.cluster_aug else shard           # --cluster-aug: augmented views
@@ -181,9 +182,8 @@ def prototypes(args, t, epoch, bank, previous):
     # optimiser with them. A ground-truth head starts once (--renew-gt-head: every epoch too).
     if args.w_proto and (args.prototypes == "kmeans" or args.renew_gt_head
                          or epoch == args.proto_start_epoch):
-        weights = None
-        if args.head_init == "centroids":
-            weights = cluster.centroid_heads(shard, assignments, t.ks, t.world, t.device)
+        weights = (cluster.centroid_heads(shard, assignments, t.ks, t.world, t.device)
+                   if args.head_init == "centroids" else None)
         t.model.reset_proto_heads(data.seeded_generator(args.seed, data.PROTO_HEADS, epoch),
                                   weights)
         t.head_optimizer = head_optimizer(t.model, args)
@@ -371,9 +371,10 @@ def checked_config(args, world):
         fail(f"--num-prototypes {args.num_prototypes!r}: give K or a comma list such as 50,512")
     problems = [
         (args.arch not in ARCHS, f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}"),
-        (args.batch_size < 2 or args.batch_size % (2 * world),
+        (args.batch_size < 4 * world or args.batch_size % (2 * world),
          f"--batch-size {args.batch_size} must be a positive multiple of 2 x world size = "
-         f"{2 * world} (it counts images, made of pairs, split evenly over the ranks)"),
+         f"{2 * world} and at least {4 * world}, so that each rank holds 2 anchors and 2 "
+         "partners (it counts images, made of pairs, split evenly over the ranks)"),
         *[(not getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got "
            f"{getattr(args, name)}") for name in ("epochs", "lr", "temperature", "head_lr")],
         (args.head_init == "centroids" and (args.prototypes != "kmeans" or not args.w_proto
