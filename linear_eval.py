@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--arch", help=f"{', '.join(ARCHS)}; required for a plain state dict")
     p.add_argument("--dataset", choices=data.DATASETS,
                    help="default: the checkpoint's; required for a plain state dict")
-    p.add_argument("--data", default="./data", help="dataset root (see README, 'Data')")
+    p.add_argument("--data", default="./data", help="dataset root (README, 'Flags and outputs')")
     p.add_argument("--out",
                    help="JSONL file, or a folder for linear_eval.jsonl, to append the result to")
     p.add_argument("--epochs", type=int, help="default 100 on CIFAR, 90 otherwise")

@@ -2065,6 +2065,21 @@ def _jpeg_tree(root, classes, per_class, splits=("train", "test"), seed=0):
     return str(root)
 
 
+def test_a_refused_run_leaves_no_out_folder_and_long_phases_show_progress(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        train.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run" / "a")])
+    assert os.listdir(tmp_path) == []                    # the probe of --out made nothing stay
+    # The phases that take minutes at scale say so: a bar over the feature pass, a line per K.
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8)
+    dataset = data.InMemoryImages(images, torch.zeros(40, dtype=torch.int64), ["c"],
+                                  *data.MEAN_STD["cifar10"])
+    views = data.Views(dataset, 32, data.MEAN_STD["cifar10"])
+    shard = cluster.split_shard(nn.Flatten(), views, 40, 0, 1, "cpu")
+    run_kmeans(shard.features, 3, device="cpu")
+    out, err = capsys.readouterr()
+    assert "feature pass" in err and re.search(r"k-means K=3 of 40 rows \(faiss, cpu\): \d", out)
+
+
 def test_download_without_network_creates_data_and_says_where_to_put_it(tmp_path, monkeypatch):
     def no_dns(*args, **kwargs):                 # what an offline machine answers
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")

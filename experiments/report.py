@@ -1,6 +1,6 @@
 """The results table of experiments/table2.sh (or gpu_compare.sh): one row per run folder.
 
-    python experiments/report.py results/cifar10_e3
+    python experiments/report.py results/cifar10_e20
 
 A run folder holds metrics.jsonl (train.py), linear_eval.jsonl (linear_eval.py --out: "linear
 top-1" is its last --cached result, each mode read by name) and row.json (wall-clock, optional);

@@ -11,7 +11,7 @@
 # PROTO_START (default 1) is --proto-start-epoch for the k-means rows: the epochs before it are
 # plain SimCLR, so the first clustering sees an encoder that has learnt something.
 #
-# Then: python experiments/report.py results/cifar10_e3   (the table)
+# Then: python experiments/report.py results/cifar10_e$EPOCHS   (the table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
