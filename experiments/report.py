@@ -58,7 +58,8 @@ def load_row(folder):
     knn_result = _last(probe + knn, "knn")
     return {"knn_top1": last.get("knn_top1", knn_result["knn_top1"] if knn_result else None),
             "linear_top1": cached["top1"], "sim_tp": last.get("sim_tp"),
-            "sim_fn": last.get("sim_fn"),
+            "sim_fn": last.get("sim_fn"), "sim_tp_h": last.get("sim_tp_h"),
+            "sim_fn_h": last.get("sim_fn_h"),
             "nmi_gt": last.get("nmi_gt"), "same_class_pairs": last.get("same_class_pairs"),
             "loss_proto_last20": last.get("loss_proto_last20"),
             "images_seen": last.get("images_seen", 0),
@@ -87,10 +88,11 @@ def main(root):
     if not rows:
         sys.exit(f"report.py: no finished run in {root}: a row is a folder with train.py's "
                  "metrics.jsonl and a linear_eval.py --cached result (--out that folder)")
-    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "nmi_gt", "same_class_pairs",
+    columns = ["knn_top1", "linear_top1", "sim_tp", "sim_fn", "sim_tp_h", "sim_fn_h", "nmi_gt",
+               "same_class_pairs",
                "loss_proto_last20", "images_seen", "train_minutes", "wall_minutes"]
-    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | NMI (GT) | same-class pairs | "
-          "loss_proto (last 20) | images seen | train min | wall min |")
+    print("| row | kNN top-1 | linear top-1 | TP sim | FN sim | TP sim h | FN sim h | NMI (GT) | "
+          "same-class pairs | loss_proto (last 20) | images seen | train min | wall min |")
     print("|---|" + "---|" * len(columns))
     digits = [3 if c.startswith(("sim", "nmi", "same")) else 2 for c in columns]
     for name, row in rows.items():
