@@ -448,8 +448,12 @@ class Transformed(torch.utils.data.Dataset):
         image, target = self.dataset[i]
         transform = self.transforms[name]
         with torch.random.fork_rng(devices=[], enabled=key is not None):
-            if key is not None:    # torchvision's transforms draw from torch's global generator
-                torch.manual_seed(int(seeded_generator(*key, i).initial_seed()))
+            # torchvision's transforms draw from torch's global CPU generator. Seeded alone: in a
+            # worker torch.manual_seed would also queue the seed of each accelerator API (CUDA,
+            # XPU, MTIA) that is not initialised there, formatting a stack trace each time, ~0.7
+            # ms an image.
+            if key is not None:
+                torch.default_generator.manual_seed(int(seeded_generator(*key, i).initial_seed()))
             views = tuple(transform(image) for _ in range(copies))
         return (views if copies > 1 else views[0]), target, i
 
