@@ -224,9 +224,10 @@ def normalise(x, mean_std):
 
 
 def standardise(x, mean_std):
-    """float images [B, 3, H, W] in [0, 1] -> (x - mean) / std, per channel."""
+    """float images [B, 3, H, W] in [0, 1] -> (x - mean) / std, per channel, in place: every
+    caller's x is a temporary of its own."""
     mean, std = _channel_constants(tuple(map(tuple, mean_std)), x.device)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,23 +253,34 @@ def _gray(x):
 
 
 def _shift_hue(x, shift):
-    """Rotate the hue of RGB images x [b, 3, H, W] in [0, 1] by shift [b] turns."""
+    """Rotate the hue of RGB images x [b, 3, H, W] in [0, 1] by shift [b] turns.
+
+    torchvision's formulas (adjust_hue) in float arithmetic only: masks of 0 and 1 from sign()
+    where torch.where, max(1)'s indices and % were, which take several times longer on a CPU core.
+    The same floats bit for bit (test_spcl.py keeps the form with them and compares): a mask
+    multiplies a finite value by 1 or 0, and t - floor(t) rounds the same exact number as t % 1.
+    """
     r, g, b = x.unbind(1)
-    maxc, argmax = x.max(1)
-    minc = x.min(1).values
+    maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(
-        1, argmax[:, None])[:, 0]
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                      torch.zeros_like(maxc))
+    coloured = torch.sign(delta)                                 # 1 where delta > 0, else 0
+    # The sextant from the first channel that holds the maximum, as max(1)'s index.
+    is_r = 1 - torch.sign(maxc - r)
+    is_g = (1 - torch.sign(maxc - g)) * (1 - is_r)
+    is_b = 1 - is_r - is_g
+    safe = delta + (1 - coloured)                                # delta, or 1 where it is 0
+    hue = is_r * ((g - b) / safe) + is_g * (2 + (b - r) / safe) + is_b * (4 + (r - g) / safe)
+    hue = hue / 6 * coloured + shift.view(-1, 1, 1)
+    hue = hue - hue.floor()                                      # mod 1
+    sat = delta / (maxc + (1 - torch.sign(maxc)))                # 0 where maxc (so delta) is 0
     # HSV -> RGB through the closed form f(n) = v - v s max(0, min(k, 4 - k, 1)),
     # k = (n + 6h) mod 6.
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + 6 * hue[:, None]) % 6
-    return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    k = n + 6 * hue[:, None]                                     # b x 3 x H x W
+    k.sub_(k.div(6).floor_().mul_(6))                            # mod 6
+    k = torch.minimum(k, torch.neg(k).add_(4), out=k).clamp_(0, 1)
+    # In place: two image-sized temporaries where a new one for each operation took longer.
+    return k.mul_((maxc * sat)[:, None]).neg_().add_(maxc[:, None])
 
 
 def crop_resize(x, boxes, size):
@@ -286,28 +298,30 @@ def crop_resize(x, boxes, size):
 
 def adjust(x, op, factor):
     """One colour-jitter operation with a factor per image, as torchvision's adjust_* functions:
-    x [b, 3, H, W] in [0, 1], op 0 brightness, 1 contrast, 2 saturation, 3 hue; factor [b]."""
+    x [b, 3, H, W] in [0, 1], op 0 brightness, 1 contrast, 2 saturation, 3 hue; factor [b].
+    Brightness, contrast and saturation overwrite x (f x + (1 - f) grey, the floats of the
+    expression, without a batch-sized temporary for each product and sum); returns the result."""
     f = factor.view(-1, 1, 1, 1)
     if op == 0:
-        x = x * f
-    elif op == 1:
-        x = f * x + (1 - f) * _gray(x).mean((2, 3), keepdim=True)
-    elif op == 2:
-        x = f * x + (1 - f) * _gray(x)
+        x = x.mul_(f)
+    elif op in (1, 2):
+        grey = _gray(x).mean((2, 3), keepdim=True) if op == 1 else _gray(x)
+        x = x.mul_(f).add_((1 - f) * grey)            # grey is computed before x changes
     else:
         x = _shift_hue(x, factor)
     return x.clamp_(0, 1)
 
 
 class BatchAugment:
-    """SimCLR's CIFAR augmentation applied to a whole batch at once, on any device.
+    """SimCLR's augmentation applied to a whole batch at once, on any device, in two parts that
+    can run apart: `crop` (RandomResizedCrop: scale 0.08-1, ratio 3/4-4/3, torchvision's
+    10-attempt rule, through roi_align; flip p 0.5) and `colour` (colour jitter with p 0.8 in a
+    random order per image, grayscale p 0.2). Same distribution as simclr_transform(size,
+    strength, blur=False).
 
-    Same distribution as simclr_transform(size, strength, blur=False): RandomResizedCrop (scale
-    0.08-1, ratio 3/4-4/3, torchvision's 10-attempt rule) through roi_align, flip p 0.5, colour
-    jitter with p 0.8 in a random order per image, grayscale p 0.2, normalisation.
-
-    __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size]. The random draws
-    come from the CPU `generator`, so a run is reproducible on any device.
+    __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size], both parts and
+    normalisation: the in-memory views. The random draws come from the CPU `generator`, so a run
+    is reproducible on any device.
     """
 
     def __init__(self, size, mean_std, strength=0.5):
@@ -336,16 +350,29 @@ class BatchAugment:
         return torch.stack([x1, y1, x1 + w, y1 + h], 1)
 
     def __call__(self, images, generator):
+        return standardise(self.colour(self.crop(images, generator), generator), self.mean_std)
+
+    def crop(self, images, generator):
+        """The random resized crop and the flip of uint8 images [B, H, W, 3] -> float
+        [B, 3, size, size] in [0, 1]."""
         B, H, W, _ = images.shape
-        device = images.device
         x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),         # B x 3 x H x W
                         self.crop_boxes(B, H, W, generator), self.size)        # B x 3 x S x S
-        flip = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
+        flip = to_device(torch.rand(B, generator=generator) < 0.5, x.device).view(-1, 1, 1, 1)
+        return torch.where(flip, x.flip(3), x)
+
+    def colour(self, x, generator):
+        """Colour jitter and grayscale of float views x [B, 3, S, S] in [0, 1], of any size S, in
+        place: x. Each step copies the images drawn for it out and back (index_select,
+        index_copy_: whole images, at memory speed) rather than masking all of them with
+        torch.where."""
+        B = x.shape[0]
         x = self._color_jitter(x, generator)
-        gray = to_device(torch.rand(B, generator=generator) < 0.2, device).view(-1, 1, 1, 1)
-        x = torch.where(gray, _gray(x).expand_as(x), x)
-        return standardise(x, self.mean_std)
+        idx = torch.nonzero(torch.rand(B, generator=generator) < 0.2)[:, 0]
+        if len(idx):
+            idx = to_device(idx, x.device)
+            x.index_copy_(0, idx, _gray(x.index_select(0, idx)).expand(-1, 3, -1, -1))
+        return x
 
     def _color_jitter(self, x, generator):
         B = x.shape[0]
@@ -363,7 +390,7 @@ class BatchAugment:
                     continue
                 f = to_device(factors[idx, op], x.device)
                 idx = to_device(idx, x.device)
-                x[idx] = adjust(x[idx], op, f)
+                x.index_copy_(0, idx, adjust(x.index_select(0, idx), op, f))
         return x
 
 

@@ -2762,3 +2762,88 @@ def test_batch_augment_output():
     assert (a.shape == (16, 3, 24, 24) and a.dtype == torch.float32
             and torch.equal(a, b))    # reproducible
     assert not torch.equal(a, augment(images, torch.Generator().manual_seed(2)))
+
+
+def _shift_hue_before(x, shift):
+    """data._shift_hue as it was before it dropped torch.where, max(1)'s indices and %."""
+    r, g, b = x.unbind(1)
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(
+        1, argmax[:, None])[:, 0]
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                      torch.zeros_like(maxc))
+    n = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = (n + 6 * hue[:, None]) % 6
+    return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _batch_augment_before(images, generator, size, mean_std, strength):
+    """BatchAugment.__call__ as it was before crop and colour were split and made faster (commit
+    c9d87b2), with the parts that did not change (crop_boxes, crop_resize, _gray) called."""
+    B, H, W, _ = images.shape
+    augment = data.BatchAugment(size, mean_std, strength)
+    x = data.crop_resize(images.permute(0, 3, 1, 2).float().div_(255),
+                         augment.crop_boxes(B, H, W, generator), size)
+    flip = torch.rand(B, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    bri, con, sat, hue = augment.jitter
+    apply = torch.rand(B, generator=generator) < 0.8
+    factors = torch.stack([torch.empty(B).uniform_(1 - bri, 1 + bri, generator=generator),
+                           torch.empty(B).uniform_(1 - con, 1 + con, generator=generator),
+                           torch.empty(B).uniform_(1 - sat, 1 + sat, generator=generator),
+                           torch.empty(B).uniform_(-hue, hue, generator=generator)], 1)
+    order = torch.rand(B, 4, generator=generator).argsort(1)
+    for step in range(4):
+        for op in range(4):
+            idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
+            if len(idx) == 0:
+                continue
+            v, f = x[idx], factors[idx, op].view(-1, 1, 1, 1)
+            if op == 0:
+                v = v * f
+            elif op == 1:
+                v = f * v + (1 - f) * data._gray(v).mean((2, 3), keepdim=True)
+            elif op == 2:
+                v = f * v + (1 - f) * data._gray(v)
+            else:
+                v = _shift_hue_before(v, factors[idx, op])
+            x[idx] = v.clamp_(0, 1)
+    gray = (torch.rand(B, generator=generator) < 0.2).view(-1, 1, 1, 1)
+    x = torch.where(gray, data._gray(x).expand_as(x), x)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in mean_std)
+    return (x - mean) / std
+
+
+def test_batch_augment_gives_the_views_it_gave_before_its_split():
+    # The in-memory (CIFAR) views, bit for bit those of the code before BatchAugment was split
+    # into crop and colour and its hue, jitter and grayscale made faster: directly, and through
+    # Views with a key tuple (batch b from seeded_generator(*key, b)). Images of few levels tie
+    # channels often, where the hue's sextant must come from the first maximal channel.
+    g = torch.Generator().manual_seed(0)
+    mean_std = data.MEAN_STD["cifar10"]
+    for case, (B, H, size, strength) in enumerate([(1, 32, 32, 0.5), (16, 32, 32, 0.5),
+                                                   (64, 24, 28, 1.0), (7, 40, 32, 0.25)]):
+        images = torch.randint(0, 256, (B, H, H, 3), dtype=torch.uint8, generator=g)
+        if case % 2:
+            images = images // 64 * 85                                     # levels 0, 85, 170, 255
+        stream = lambda: torch.Generator().manual_seed(case)
+        assert torch.equal(data.BatchAugment(size, mean_std, strength)(images, stream()),
+                           _batch_augment_before(images, stream(), size, mean_std, strength)), case
+    x = torch.rand(6, 3, 9, 9, generator=g)
+    x[:, :, :3] = (x[:, :, :3] * 2).round() / 2                            # ties, 0 and 1
+    for shift in (torch.zeros(6), torch.linspace(-0.5, 0.5, 6)):
+        assert torch.equal(data._shift_hue(x, shift), _shift_hue_before(x, shift))
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    dataset = data.InMemoryImages(images, torch.zeros(40, dtype=torch.int64), ["a"], *mean_std)
+    batches = [torch.randperm(40, generator=g)[:16] for _ in range(3)]
+    views = data.Views(dataset, 32, mean_std, jitter=0.5)
+    for b, ((x1, x2), _, idx) in enumerate(views.batches(batches, "simclr", key=(1, 0, 2, 0),
+                                                         copies=2, start=5), 5):
+        stream = data.seeded_generator(1, 0, 2, 0, b)
+        for x in (x1, x2):
+            assert torch.equal(x, _batch_augment_before(images[idx], stream, 32, mean_std, 0.5))
