@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter
 from torchvision.ops import roi_align
@@ -316,17 +317,20 @@ class BatchAugment:
     """SimCLR's augmentation applied to a whole batch at once, on any device, in two parts that
     can run apart: `crop` (RandomResizedCrop: scale 0.08-1, ratio 3/4-4/3, torchvision's
     10-attempt rule, through roi_align; flip p 0.5) and `colour` (colour jitter with p 0.8 in a
-    random order per image, grayscale p 0.2). Same distribution as simclr_transform(size,
-    strength, blur=False).
+    random order per image, grayscale p 0.2, with blur Gaussian blur p 0.5). Same distribution as
+    simclr_transform(size, strength, blur).
 
     __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size], both parts and
-    normalisation: the in-memory views. The random draws come from the CPU `generator`, so a run
-    is reproducible on any device.
+    normalisation: the in-memory views (CIFAR, no blur: SimCLR's CIFAR recipe). The random draws
+    come from the CPU `generator`, so a run is reproducible on any device.
     """
 
-    def __init__(self, size, mean_std, strength=0.5):
+    def __init__(self, size, mean_std, strength=0.5, blur=False):
         self.size, self.mean_std = size, mean_std
         self.jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+        # SimCLR's blur kernel: 10% of the image side, odd (23 taps at 224 px, 3 at 32, 1 below
+        # 20, which leaves the image as it is).
+        self.blur_kernel = 2 * (size // 20) + 1 if blur else None
 
     def crop_boxes(self, B, H, W, generator, attempts=10):
         """torchvision's RandomResizedCrop.get_params for B images at once -> [B, 4]
@@ -362,16 +366,26 @@ class BatchAugment:
         return torch.where(flip, x.flip(3), x)
 
     def colour(self, x, generator):
-        """Colour jitter and grayscale of float views x [B, 3, S, S] in [0, 1], of any size S, in
-        place: x. Each step copies the images drawn for it out and back (index_select,
-        index_copy_: whole images, at memory speed) rather than masking all of them with
-        torch.where."""
+        """Colour jitter, grayscale and (with blur) Gaussian blur of float views x [B, 3, S, S] in
+        [0, 1], of any size S, in place: x. Each step copies the images drawn for it out and back
+        (index_select, index_copy_: whole images, at memory speed) rather than masking all of
+        them with torch.where. The blur's draws come last, so without blur the draws and the
+        views are the in-memory views' of before the blur existed."""
         B = x.shape[0]
         x = self._color_jitter(x, generator)
         idx = torch.nonzero(torch.rand(B, generator=generator) < 0.2)[:, 0]
         if len(idx):
             idx = to_device(idx, x.device)
             x.index_copy_(0, idx, _gray(x.index_select(0, idx)).expand(-1, 3, -1, -1))
+        if self.blur_kernel is not None:
+            blur = torch.rand(B, generator=generator) < 0.5
+            sigma = torch.empty(B).uniform_(0.1, 2.0, generator=generator)
+            idx = torch.nonzero(blur)[:, 0]
+            if len(idx):
+                sigma = to_device(sigma[idx], x.device)
+                idx = to_device(idx, x.device)
+                x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), sigma,
+                                                    self.blur_kernel))
         return x
 
     def _color_jitter(self, x, generator):
@@ -392,6 +406,27 @@ class BatchAugment:
                 idx = to_device(idx, x.device)
                 x.index_copy_(0, idx, adjust(x.index_select(0, idx), op, f))
         return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Gaussian blur of float images x [B, C, H, W], one sigma per image (sigma [B] on x's
+    device), as torchvision's gaussian_blur: the kernel sampled at the kernel_size (odd) integer
+    offsets around the centre and normalised, edges reflected. Separable, two passes of
+    kernel_size taps rather than one of kernel_size^2, through grouped convolutions (one group per
+    channel of each image), so a batch of sigmas costs one call. On a GPU cuDNN may run them in
+    TF32 (torch.backends.cudnn.allow_tf32), a relative error near 1e-3: below a grey level."""
+    B, C, H, W = x.shape
+    r = kernel_size // 2
+    if kernel_size % 2 == 0 or r >= min(H, W):
+        raise ValueError(f"kernel_size must be odd and below twice the image side, got "
+                         f"{kernel_size} for {H} x {W}")
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma.to(x.dtype).view(-1, 1)) ** 2)      # B x K
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)        # BC x K
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")  # 1 x BC x H+2r x W+2r
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # 1 x BC x H+2r x W
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # 1 x BC x H x W
+    return y.view(B, C, H, W)
 
 
 # Named random streams for seeded_generator: one per use, so that no two uses share draws.

@@ -1337,6 +1337,21 @@ def test_views_on_disk_are_made_in_uint8_and_equal_the_float_transforms(tmp_path
     assert torch.allclose(data.normalise(in_worker[None], mean_std)[0], expected[0], atol=1e-6)
 
 
+def test_gaussian_blur_matches_torchvision_image_by_image():
+    x = torch.rand(5, 3, 30, 37, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    for kernel in (1, 5, 23):
+        got = data.gaussian_blur(x, sigma, kernel)
+        expected = torch.stack([TF.gaussian_blur(x[i], [kernel, kernel], [float(s), float(s)])
+                                for i, s in enumerate(sigma)])
+        assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-6), kernel
+    assert torch.equal(data.gaussian_blur(x, sigma, 1), x)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        data.gaussian_blur(x, sigma, 4)
+    with pytest.raises(ValueError, match="below twice the image side"):
+        data.gaussian_blur(x, sigma, 61)
+
+
 def _gaussian_blur_numpy(image, sigma):
     """A separable Gaussian of a [H, W, C] array, the kernel sampled to +-4 sigma, edges
     repeated."""
