@@ -2,9 +2,12 @@
 
 Small datasets (CIFAR-10/100) are decoded once and kept in memory as uint8 [N, H, W, 3]; their
 augmentations run batched on the training device (`BatchAugment`), so no DataLoader worker and no
-per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk: PIL
-transforms (`simclr_transform`) in DataLoader workers kept for the whole run make uint8 views,
-normalised on the training device (`Views`).
+per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk:
+DataLoader workers kept for the whole run decode each image and make its uint8 view in PIL (of
+SimCLR's recipe, the random resized crop and the flip only), and the training device does the rest
+batched (`Views`): SimCLR's colour jitter, grayscale and Gaussian blur (`BatchAugment.colour`),
+then normalisation. `simclr_transform` is the whole recipe in PIL, one image at a time: the
+reference that the batched views follow in distribution.
 """
 import functools
 import math
@@ -201,8 +204,12 @@ def _to_tensor(mean_std):
 def simclr_transform(size=224, strength=1.0, blur=True, mean_std=None):
     """SimCLR's augmentation of one PIL image (Chen et al. 2020, appendix A): a random resized crop
     with flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5, ImageNet only).
-    Returns uint8 [3, size, size] (Views normalises on the device), or a normalised float view
-    with mean_std."""
+    Returns uint8 [3, size, size], or a normalised float view with mean_std.
+
+    The reference recipe, all of it in PIL: Views no longer runs it. Its on-disk workers run the
+    first two steps only (crop_flip_transform, the same draws from the same key), and the colour
+    jitter, grayscale and blur run batched on the training device (BatchAugment.colour, the same
+    distribution: test_spcl.py compares the two)."""
     s = strength
     steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
@@ -321,8 +328,9 @@ class BatchAugment:
     simclr_transform(size, strength, blur).
 
     __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size], both parts and
-    normalisation: the in-memory views (CIFAR, no blur: SimCLR's CIFAR recipe). The random draws
-    come from the CPU `generator`, so a run is reproducible on any device.
+    normalisation: the in-memory views (CIFAR, no blur: SimCLR's CIFAR recipe). On disk the
+    DataLoader workers crop and flip in PIL and Views runs `colour` on the device. The random
+    draws come from the CPU `generator`, so a run is reproducible on any device.
     """
 
     def __init__(self, size, mean_std, strength=0.5, blur=False):
@@ -552,7 +560,8 @@ class _Sized:
 class Views:
     """Batches of views of a dataset's images for train.py and linear_eval.py, the same call for an
     InMemoryImages (views made batched on `device`: BatchAugment, crop_flip) and an on-disk
-    dataset (torchvision's PIL transforms in DataLoader workers).
+    dataset (decoded and cropped by torchvision's PIL transforms in DataLoader workers, the simclr
+    view's colour made batched on `device`).
 
         views = Views(dataset, image_size, mean_std, jitter=0.5, workers=4, device=device)
         for x, targets, indices in views.batches(batch_indices, "eval"): ...
@@ -561,28 +570,35 @@ class Views:
     view: "eval" (centre crop, or the image as it is in memory), "simclr" (SimCLR's augmentation,
     Gaussian blur on disk only) or "crop_flip" (the linear probe's). batch_indices: an iterable of
     index batches (e.g. a batch sampler). key: integers naming the random stream, e.g. (seed,
-    TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from; on disk the views are a
-    function of (key, image) (a generator's next draw stands for the key). x is on `device`.
+    TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from (a generator's next draw
+    stands for the key on disk). x is on `device`.
 
     On disk, the workers return uint8 views (a quarter of float32's bytes to collate, pin and
-    copy), normalised on `device` after a non-blocking copy. One DataLoader serves every pass of a
-    Views, its workers started once (persistent_workers): a run does not pay their start and the
-    dataset's copy into them every epoch. A pass begun while another is still being read (two
-    loops interleaved, or one left unfinished and not yet closed) gets a DataLoader of its own.
+    copy): the eval and crop_flip views whole, the simclr view's random resized crop and flip only,
+    a function of (key, image) whatever worker makes it. After a non-blocking copy to `device` the
+    simclr views get their colour jitter (p 0.8, strength `jitter`), grayscale (p 0.2) and
+    Gaussian blur (p 0.5) there, batched (BatchAugment.colour) with the draws of batch b from
+    seeded_generator(*key, -1, b), so an image twice in a batch gets two colourings; then every
+    view is normalised there. One DataLoader serves every pass of a Views, its workers started
+    once (persistent_workers): a run does not pay their start and the dataset's copy into them
+    every epoch. A pass begun while another is still being read (two loops interleaved, or one
+    left unfinished and not yet closed) gets a DataLoader of its own.
     """
 
     def __init__(self, dataset, image_size, mean_std, jitter=0.5, workers=0, device="cpu"):
         self.dataset, self.image_size, self.mean_std = dataset, image_size, mean_std
         self.jitter, self.workers, self.device = jitter, workers, torch.device(device)
         self.in_memory = isinstance(dataset, InMemoryImages)
-        self.augment = BatchAugment(image_size, mean_std, jitter) if self.in_memory else None
+        # SimCLR's CIFAR recipe has no blur; on disk (ImageNet) blur is on.
+        self.augment = BatchAugment(image_size, mean_std, jitter, blur=not self.in_memory)
         self._loader, self._busy = None, False      # on disk: the run's DataLoader, in a pass
 
     def batches(self, batch_indices, view, key=None, copies=1, start=0):
         """start: the position in its epoch of the first of batch_indices. A run resumed at batch
         s drops the first s index batches and passes start=s: its views are then those of the
-        uninterrupted run (a key tuple draws batch b in memory from seeded_generator(*key, b);
-        on disk every image has its own stream anyway)."""
+        uninterrupted run (a key tuple draws batch b in memory from seeded_generator(*key, b), on
+        disk its colour from seeded_generator(*key, -1, b); every image's crop from its own
+        stream)."""
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if view != "eval" and key is None:
@@ -610,8 +626,11 @@ class Views:
 
     def _new_loader(self, persistent):
         size = self.image_size
-        transforms = {"eval": eval_transform(size), "simclr": simclr_transform(size, self.jitter),
-                      "crop_flip": crop_flip_transform(size)}         # uint8 views
+        # uint8 views. The simclr view's crop and flip are simclr_transform's first steps, the
+        # same as crop_flip's (and the same draws); its colour, grayscale and blur follow batched
+        # on the device (_on_disk).
+        transforms = {"eval": eval_transform(size), "simclr": crop_flip_transform(size),
+                      "crop_flip": crop_flip_transform(size)}
         return torch.utils.data.DataLoader(
             Transformed(self.dataset, transforms), batch_sampler=_Keyed(),
             num_workers=self.workers, persistent_workers=persistent and self.workers > 0,
@@ -628,9 +647,15 @@ class Views:
         loader.batch_sampler.item = (key, view, copies)
         self._busy = True
         try:
-            for x, targets, indices in loader:                       # x: uint8 B x 3 x S x S
-                x = [normalise(v.to(self.device, non_blocking=True), self.mean_std)
-                     for v in (x if copies > 1 else [x])]
+            for b, (x, targets, indices) in enumerate(loader, start):  # x: uint8 B x 3 x S x S
+                x = [v.to(self.device, non_blocking=True) for v in (x if copies > 1 else [x])]
+                if view == "simclr":
+                    # -1, which no image index is: batch b's stream is none of the images' own.
+                    g = seeded_generator(*key, -1, b)
+                    x = [standardise(self.augment.colour(v.float().div_(255), g), self.mean_std)
+                         for v in x]
+                else:
+                    x = [normalise(v, self.mean_std) for v in x]
                 yield (tuple(x) if copies > 1 else x[0]), targets, indices
         finally:
             self._busy = self._busy and not shared
