@@ -2,9 +2,12 @@
 
 Small datasets (CIFAR-10/100) are decoded once and kept in memory as uint8 [N, H, W, 3]; their
 augmentations run batched on the training device (`BatchAugment`), so no DataLoader worker and no
-per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk: PIL
-transforms (`simclr_transform`) in DataLoader workers kept for the whole run make uint8 views,
-normalised on the training device (`Views`).
+per-image Python call is needed. Large ones (ImageNet, any ImageFolder tree) stay on disk:
+DataLoader workers kept for the whole run decode each image and make its uint8 view in PIL (of
+SimCLR's recipe, the random resized crop and the flip only), and the training device does the rest
+batched (`Views`): SimCLR's colour jitter, grayscale and Gaussian blur (`BatchAugment.colour`),
+then normalisation. `simclr_transform` is the whole recipe in PIL, one image at a time: the
+reference that the batched views follow in distribution.
 """
 import functools
 import math
@@ -13,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageFilter
 from torchvision.ops import roi_align
@@ -200,8 +204,12 @@ def _to_tensor(mean_std):
 def simclr_transform(size=224, strength=1.0, blur=True, mean_std=None):
     """SimCLR's augmentation of one PIL image (Chen et al. 2020, appendix A): a random resized crop
     with flip, colour jitter (p 0.8), grayscale (p 0.2), Gaussian blur (p 0.5, ImageNet only).
-    Returns uint8 [3, size, size] (Views normalises on the device), or a normalised float view
-    with mean_std."""
+    Returns uint8 [3, size, size], or a normalised float view with mean_std.
+
+    The reference recipe, all of it in PIL: Views no longer runs it. Its on-disk workers run the
+    first two steps only (crop_flip_transform, the same draws from the same key), and the colour
+    jitter, grayscale and blur run batched on the training device (BatchAugment.colour, the same
+    distribution: test_spcl.py compares the two)."""
     s = strength
     steps = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
@@ -224,9 +232,10 @@ def normalise(x, mean_std):
 
 
 def standardise(x, mean_std):
-    """float images [B, 3, H, W] in [0, 1] -> (x - mean) / std, per channel."""
+    """float images [B, 3, H, W] in [0, 1] -> (x - mean) / std, per channel, in place: every
+    caller's x is a temporary of its own."""
     mean, std = _channel_constants(tuple(map(tuple, mean_std)), x.device)
-    return (x - mean) / std
+    return x.sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,23 +261,34 @@ def _gray(x):
 
 
 def _shift_hue(x, shift):
-    """Rotate the hue of RGB images x [b, 3, H, W] in [0, 1] by shift [b] turns."""
+    """Rotate the hue of RGB images x [b, 3, H, W] in [0, 1] by shift [b] turns.
+
+    torchvision's formulas (adjust_hue) in float arithmetic only: masks of 0 and 1 from sign()
+    where torch.where, max(1)'s indices and % were, which take several times longer on a CPU core.
+    The same floats bit for bit (test_spcl.py keeps the form with them and compares): a mask
+    multiplies a finite value by 1 or 0, and t - floor(t) rounds the same exact number as t % 1.
+    """
     r, g, b = x.unbind(1)
-    maxc, argmax = x.max(1)
-    minc = x.min(1).values
+    maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(
-        1, argmax[:, None])[:, 0]
-    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
-    hue = (hue + shift.view(-1, 1, 1)) % 1.0
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                      torch.zeros_like(maxc))
+    coloured = torch.sign(delta)                                 # 1 where delta > 0, else 0
+    # The sextant from the first channel that holds the maximum, as max(1)'s index.
+    is_r = 1 - torch.sign(maxc - r)
+    is_g = (1 - torch.sign(maxc - g)) * (1 - is_r)
+    is_b = 1 - is_r - is_g
+    safe = delta + (1 - coloured)                                # delta, or 1 where it is 0
+    hue = is_r * ((g - b) / safe) + is_g * (2 + (b - r) / safe) + is_b * (4 + (r - g) / safe)
+    hue = hue / 6 * coloured + shift.view(-1, 1, 1)
+    hue = hue - hue.floor()                                      # mod 1
+    sat = delta / (maxc + (1 - torch.sign(maxc)))                # 0 where maxc (so delta) is 0
     # HSV -> RGB through the closed form f(n) = v - v s max(0, min(k, 4 - k, 1)),
     # k = (n + 6h) mod 6.
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = (n + 6 * hue[:, None]) % 6
-    return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    k = n + 6 * hue[:, None]                                     # b x 3 x H x W
+    k.sub_(k.div(6).floor_().mul_(6))                            # mod 6
+    k = torch.minimum(k, torch.neg(k).add_(4), out=k).clamp_(0, 1)
+    # In place: two image-sized temporaries where a new one for each operation took longer.
+    return k.mul_((maxc * sat)[:, None]).neg_().add_(maxc[:, None])
 
 
 def crop_resize(x, boxes, size):
@@ -286,33 +306,39 @@ def crop_resize(x, boxes, size):
 
 def adjust(x, op, factor):
     """One colour-jitter operation with a factor per image, as torchvision's adjust_* functions:
-    x [b, 3, H, W] in [0, 1], op 0 brightness, 1 contrast, 2 saturation, 3 hue; factor [b]."""
+    x [b, 3, H, W] in [0, 1], op 0 brightness, 1 contrast, 2 saturation, 3 hue; factor [b].
+    Brightness, contrast and saturation overwrite x (f x + (1 - f) grey, the floats of the
+    expression, without a batch-sized temporary for each product and sum); returns the result."""
     f = factor.view(-1, 1, 1, 1)
     if op == 0:
-        x = x * f
-    elif op == 1:
-        x = f * x + (1 - f) * _gray(x).mean((2, 3), keepdim=True)
-    elif op == 2:
-        x = f * x + (1 - f) * _gray(x)
+        x = x.mul_(f)
+    elif op in (1, 2):
+        grey = _gray(x).mean((2, 3), keepdim=True) if op == 1 else _gray(x)
+        x = x.mul_(f).add_((1 - f) * grey)            # grey is computed before x changes
     else:
         x = _shift_hue(x, factor)
     return x.clamp_(0, 1)
 
 
 class BatchAugment:
-    """SimCLR's CIFAR augmentation applied to a whole batch at once, on any device.
+    """SimCLR's augmentation applied to a whole batch at once, on any device, in two parts that
+    can run apart: `crop` (RandomResizedCrop: scale 0.08-1, ratio 3/4-4/3, torchvision's
+    10-attempt rule, through roi_align; flip p 0.5) and `colour` (colour jitter with p 0.8 in a
+    random order per image, grayscale p 0.2, with blur Gaussian blur p 0.5). Same distribution as
+    simclr_transform(size, strength, blur).
 
-    Same distribution as simclr_transform(size, strength, blur=False): RandomResizedCrop (scale
-    0.08-1, ratio 3/4-4/3, torchvision's 10-attempt rule) through roi_align, flip p 0.5, colour
-    jitter with p 0.8 in a random order per image, grayscale p 0.2, normalisation.
-
-    __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size]. The random draws
-    come from the CPU `generator`, so a run is reproducible on any device.
+    __call__(images uint8 [B, H, W, 3], generator) -> float [B, 3, size, size], both parts and
+    normalisation: the in-memory views (CIFAR, no blur: SimCLR's CIFAR recipe). On disk the
+    DataLoader workers crop and flip in PIL and Views runs `colour` on the device. The random
+    draws come from the CPU `generator`, so a run is reproducible on any device.
     """
 
-    def __init__(self, size, mean_std, strength=0.5):
+    def __init__(self, size, mean_std, strength=0.5, blur=False):
         self.size, self.mean_std = size, mean_std
         self.jitter = (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+        # SimCLR's blur kernel: 10% of the image side, odd (23 taps at 224 px, 3 at 32, 1 below
+        # 20, which leaves the image as it is).
+        self.blur_kernel = 2 * (size // 20) + 1 if blur else None
 
     def crop_boxes(self, B, H, W, generator, attempts=10):
         """torchvision's RandomResizedCrop.get_params for B images at once -> [B, 4]
@@ -336,16 +362,39 @@ class BatchAugment:
         return torch.stack([x1, y1, x1 + w, y1 + h], 1)
 
     def __call__(self, images, generator):
+        return standardise(self.colour(self.crop(images, generator), generator), self.mean_std)
+
+    def crop(self, images, generator):
+        """The random resized crop and the flip of uint8 images [B, H, W, 3] -> float
+        [B, 3, size, size] in [0, 1]."""
         B, H, W, _ = images.shape
-        device = images.device
         x = crop_resize(images.permute(0, 3, 1, 2).float().div_(255),         # B x 3 x H x W
                         self.crop_boxes(B, H, W, generator), self.size)        # B x 3 x S x S
-        flip = torch.rand(B, generator=generator) < 0.5
-        x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
+        flip = to_device(torch.rand(B, generator=generator) < 0.5, x.device).view(-1, 1, 1, 1)
+        return torch.where(flip, x.flip(3), x)
+
+    def colour(self, x, generator):
+        """Colour jitter, grayscale and (with blur) Gaussian blur of float views x [B, 3, S, S] in
+        [0, 1], of any size S, in place: x. Each step copies the images drawn for it out and back
+        (index_select, index_copy_: whole images, at memory speed) rather than masking all of
+        them with torch.where. The blur's draws come last, so without blur the draws and the
+        views are the in-memory views' of before the blur existed."""
+        B = x.shape[0]
         x = self._color_jitter(x, generator)
-        gray = to_device(torch.rand(B, generator=generator) < 0.2, device).view(-1, 1, 1, 1)
-        x = torch.where(gray, _gray(x).expand_as(x), x)
-        return standardise(x, self.mean_std)
+        idx = torch.nonzero(torch.rand(B, generator=generator) < 0.2)[:, 0]
+        if len(idx):
+            idx = to_device(idx, x.device)
+            x.index_copy_(0, idx, _gray(x.index_select(0, idx)).expand(-1, 3, -1, -1))
+        if self.blur_kernel is not None:
+            blur = torch.rand(B, generator=generator) < 0.5
+            sigma = torch.empty(B).uniform_(0.1, 2.0, generator=generator)
+            idx = torch.nonzero(blur)[:, 0]
+            if len(idx):
+                sigma = to_device(sigma[idx], x.device)
+                idx = to_device(idx, x.device)
+                x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), sigma,
+                                                    self.blur_kernel))
+        return x
 
     def _color_jitter(self, x, generator):
         B = x.shape[0]
@@ -363,8 +412,29 @@ class BatchAugment:
                     continue
                 f = to_device(factors[idx, op], x.device)
                 idx = to_device(idx, x.device)
-                x[idx] = adjust(x[idx], op, f)
+                x.index_copy_(0, idx, adjust(x.index_select(0, idx), op, f))
         return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Gaussian blur of float images x [B, C, H, W], one sigma per image (sigma [B] on x's
+    device), as torchvision's gaussian_blur: the kernel sampled at the kernel_size (odd) integer
+    offsets around the centre and normalised, edges reflected. Separable, two passes of
+    kernel_size taps rather than one of kernel_size^2, through grouped convolutions (one group per
+    channel of each image), so a batch of sigmas costs one call. On a GPU cuDNN may run them in
+    TF32 (torch.backends.cudnn.allow_tf32), a relative error near 1e-3: below a grey level."""
+    B, C, H, W = x.shape
+    r = kernel_size // 2
+    if kernel_size % 2 == 0 or r >= min(H, W):
+        raise ValueError(f"kernel_size must be odd and below twice the image side, got "
+                         f"{kernel_size} for {H} x {W}")
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma.to(x.dtype).view(-1, 1)) ** 2)      # B x K
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)        # BC x K
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")  # 1 x BC x H+2r x W+2r
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # 1 x BC x H+2r x W
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # 1 x BC x H x W
+    return y.view(B, C, H, W)
 
 
 # Named random streams for seeded_generator: one per use, so that no two uses share draws.
@@ -448,8 +518,12 @@ class Transformed(torch.utils.data.Dataset):
         image, target = self.dataset[i]
         transform = self.transforms[name]
         with torch.random.fork_rng(devices=[], enabled=key is not None):
-            if key is not None:    # torchvision's transforms draw from torch's global generator
-                torch.manual_seed(int(seeded_generator(*key, i).initial_seed()))
+            # torchvision's transforms draw from torch's global CPU generator. Seeded alone: in a
+            # worker torch.manual_seed would also queue the seed of each accelerator API (CUDA,
+            # XPU, MTIA) that is not initialised there, formatting a stack trace each time, ~0.7
+            # ms an image.
+            if key is not None:
+                torch.default_generator.manual_seed(int(seeded_generator(*key, i).initial_seed()))
             views = tuple(transform(image) for _ in range(copies))
         return (views if copies > 1 else views[0]), target, i
 
@@ -486,7 +560,8 @@ class _Sized:
 class Views:
     """Batches of views of a dataset's images for train.py and linear_eval.py, the same call for an
     InMemoryImages (views made batched on `device`: BatchAugment, crop_flip) and an on-disk
-    dataset (torchvision's PIL transforms in DataLoader workers).
+    dataset (decoded and cropped by torchvision's PIL transforms in DataLoader workers, the simclr
+    view's colour made batched on `device`).
 
         views = Views(dataset, image_size, mean_std, jitter=0.5, workers=4, device=device)
         for x, targets, indices in views.batches(batch_indices, "eval"): ...
@@ -495,28 +570,35 @@ class Views:
     view: "eval" (centre crop, or the image as it is in memory), "simclr" (SimCLR's augmentation,
     Gaussian blur on disk only) or "crop_flip" (the linear probe's). batch_indices: an iterable of
     index batches (e.g. a batch sampler). key: integers naming the random stream, e.g. (seed,
-    TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from; on disk the views are a
-    function of (key, image) (a generator's next draw stands for the key). x is on `device`.
+    TRAIN_VIEWS, epoch, rank), or a CPU torch.Generator to draw from (a generator's next draw
+    stands for the key on disk). x is on `device`.
 
     On disk, the workers return uint8 views (a quarter of float32's bytes to collate, pin and
-    copy), normalised on `device` after a non-blocking copy. One DataLoader serves every pass of a
-    Views, its workers started once (persistent_workers): a run does not pay their start and the
-    dataset's copy into them every epoch. A pass begun while another is still being read (two
-    loops interleaved, or one left unfinished and not yet closed) gets a DataLoader of its own.
+    copy): the eval and crop_flip views whole, the simclr view's random resized crop and flip only,
+    a function of (key, image) whatever worker makes it. After a non-blocking copy to `device` the
+    simclr views get their colour jitter (p 0.8, strength `jitter`), grayscale (p 0.2) and
+    Gaussian blur (p 0.5) there, batched (BatchAugment.colour) with the draws of batch b from
+    seeded_generator(*key, -1, b), so an image twice in a batch gets two colourings; then every
+    view is normalised there. One DataLoader serves every pass of a Views, its workers started
+    once (persistent_workers): a run does not pay their start and the dataset's copy into them
+    every epoch. A pass begun while another is still being read (two loops interleaved, or one
+    left unfinished and not yet closed) gets a DataLoader of its own.
     """
 
     def __init__(self, dataset, image_size, mean_std, jitter=0.5, workers=0, device="cpu"):
         self.dataset, self.image_size, self.mean_std = dataset, image_size, mean_std
         self.jitter, self.workers, self.device = jitter, workers, torch.device(device)
         self.in_memory = isinstance(dataset, InMemoryImages)
-        self.augment = BatchAugment(image_size, mean_std, jitter) if self.in_memory else None
+        # SimCLR's CIFAR recipe has no blur; on disk (ImageNet) blur is on.
+        self.augment = BatchAugment(image_size, mean_std, jitter, blur=not self.in_memory)
         self._loader, self._busy = None, False      # on disk: the run's DataLoader, in a pass
 
     def batches(self, batch_indices, view, key=None, copies=1, start=0):
         """start: the position in its epoch of the first of batch_indices. A run resumed at batch
         s drops the first s index batches and passes start=s: its views are then those of the
-        uninterrupted run (a key tuple draws batch b in memory from seeded_generator(*key, b);
-        on disk every image has its own stream anyway)."""
+        uninterrupted run (a key tuple draws batch b in memory from seeded_generator(*key, b), on
+        disk its colour from seeded_generator(*key, -1, b); every image's crop from its own
+        stream)."""
         if view not in VIEWS:
             raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
         if view != "eval" and key is None:
@@ -544,8 +626,11 @@ class Views:
 
     def _new_loader(self, persistent):
         size = self.image_size
-        transforms = {"eval": eval_transform(size), "simclr": simclr_transform(size, self.jitter),
-                      "crop_flip": crop_flip_transform(size)}         # uint8 views
+        # uint8 views. The simclr view's crop and flip are simclr_transform's first steps, the
+        # same as crop_flip's (and the same draws); its colour, grayscale and blur follow batched
+        # on the device (_on_disk).
+        transforms = {"eval": eval_transform(size), "simclr": crop_flip_transform(size),
+                      "crop_flip": crop_flip_transform(size)}
         return torch.utils.data.DataLoader(
             Transformed(self.dataset, transforms), batch_sampler=_Keyed(),
             num_workers=self.workers, persistent_workers=persistent and self.workers > 0,
@@ -562,9 +647,15 @@ class Views:
         loader.batch_sampler.item = (key, view, copies)
         self._busy = True
         try:
-            for x, targets, indices in loader:                       # x: uint8 B x 3 x S x S
-                x = [normalise(v.to(self.device, non_blocking=True), self.mean_std)
-                     for v in (x if copies > 1 else [x])]
+            for b, (x, targets, indices) in enumerate(loader, start):  # x: uint8 B x 3 x S x S
+                x = [v.to(self.device, non_blocking=True) for v in (x if copies > 1 else [x])]
+                if view == "simclr":
+                    # -1, which no image index is: batch b's stream is none of the images' own.
+                    g = seeded_generator(*key, -1, b)
+                    x = [standardise(self.augment.colour(v.float().div_(255), g), self.mean_std)
+                         for v in x]
+                else:
+                    x = [normalise(v, self.mean_std) for v in x]
                 yield (tuple(x) if copies > 1 else x[0]), targets, indices
         finally:
             self._busy = self._busy and not shared

@@ -1292,8 +1292,12 @@ def test_views_on_disk_depend_on_the_key_and_image_not_on_the_workers(tmp_path):
     for (x0, idx0), (x2, idx2), want in zip(*runs, batches):
         assert idx0.tolist() == want == idx2.tolist()
         assert torch.equal(x0, x2)                       # same key, same image: the same view
-    (a, b), _, _ = next(iter(views[0].batches([[4, 4]], "simclr", key=(3, 0, 1), copies=2)))
+    (a, b), _, _ = next(iter(views[0].batches([[4, 4]], "crop_flip", key=(3, 0, 1), copies=2)))
     assert torch.equal(a[0], a[1]) and not torch.equal(a[0], b[0])     # one image, two draws
+    # The simclr view of an image twice in a batch: one crop (the image's stream), two colourings
+    # (the batch's stream, a draw for each position).
+    (a, b), _, _ = next(iter(views[0].batches([[4, 4]], "simclr", key=(3, 0, 1), copies=2)))
+    assert not torch.equal(a[0], a[1])
     x, targets, idx = next(iter(views[0].batches([[6, 1]], "eval")))
     assert (x.shape == (2, 3, 16, 16)
             and targets.tolist() == [folder.targets[6], folder.targets[1]] == [1, 0])
@@ -1359,7 +1363,6 @@ def test_views_on_disk_keep_their_workers_and_views_across_passes(tmp_path):
 
 @pytest.mark.parametrize("view,transform", [
     ("eval", lambda mean_std: data.eval_transform(16, mean_std)),
-    ("simclr", lambda mean_std: data.simclr_transform(16, 1.0, mean_std=mean_std)),
     ("crop_flip", lambda mean_std: data.crop_flip_transform(16, mean_std))])
 def test_views_on_disk_are_made_in_uint8_and_equal_the_float_transforms(tmp_path, view, transform):
     folder = _png_folder(tmp_path, n=6, size=20)
@@ -1376,6 +1379,140 @@ def test_views_on_disk_are_made_in_uint8_and_equal_the_float_transforms(tmp_path
     assert x.dtype == expected.dtype == torch.float32 and x.shape == expected.shape
     assert (x - expected).abs().max() <= 1 / 255 / max(mean_std[1])
     assert torch.allclose(data.normalise(in_worker[None], mean_std)[0], expected[0], atol=1e-6)
+
+
+def test_views_on_disk_crop_simclr_in_the_workers_and_colour_it_batched(tmp_path):
+    # The simclr view: its random resized crop and flip in PIL in the workers, the same pixels as
+    # simclr_transform's first two steps from the same key; its colour jitter, grayscale and blur
+    # on the device, BatchAugment.colour with batch b's draws from seeded_generator(*key, -1, b).
+    folder = _png_folder(tmp_path, n=6, size=48)
+    mean_std = data.MEAN_STD["imagenet"]
+    views = data.Views(folder, 40, mean_std, jitter=1.0)
+    batches = [[3, 0, 5], [1, 4]]
+    got = list(views.batches(batches, "simclr", key=(2, 9), copies=2, start=7))
+    first_steps = T.Compose(data.simclr_transform(40).transforms[:2] + [T.PILToTensor()])
+    augment = data.BatchAugment(40, mean_std, 1.0, blur=True)
+    assert augment.blur_kernel == 5                               # 10% of 40 px, odd
+    for b, (batch, ((x1, x2), _, idx)) in enumerate(zip(batches, got, strict=True), 7):
+        assert idx.tolist() == batch
+        crops = [data.Transformed(folder, data.crop_flip_transform(40))[(i, (2, 9), None, 2)][0]
+                 for i in batch]                                  # (copy 1, copy 2) per image
+        for i, (c1, _) in zip(batch, crops):
+            assert c1.dtype == torch.uint8 and torch.equal(
+                c1, data.Transformed(folder, first_steps)[(i, (2, 9), None, 1)][0])
+        g = data.seeded_generator(2, 9, -1, b)
+        for copy, x in enumerate((x1, x2)):
+            crop = torch.stack([c[copy] for c in crops]).float() / 255     # B x 3 x 40 x 40
+            assert torch.equal(x, data.standardise(augment.colour(crop, g), mean_std))
+
+
+def test_gaussian_blur_matches_torchvision_image_by_image():
+    x = torch.rand(5, 3, 30, 37, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    for kernel in (1, 5, 23):
+        got = data.gaussian_blur(x, sigma, kernel)
+        expected = torch.stack([TF.gaussian_blur(x[i], [kernel, kernel], [float(s), float(s)])
+                                for i, s in enumerate(sigma)])
+        assert got.shape == x.shape and torch.allclose(got, expected, atol=1e-6), kernel
+    assert torch.equal(data.gaussian_blur(x, sigma, 1), x)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        data.gaussian_blur(x, sigma, 4)
+    with pytest.raises(ValueError, match="below twice the image side"):
+        data.gaussian_blur(x, sigma, 61)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: the batched views are many small operations, which a second thread
+    only slows when the machine's other cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sample_std_se(v):
+    """The standard error of v.std() (delta method: s sqrt((kurtosis - 1) / 4n)), for samples
+    far from normal, as the colour factors' uniform draws."""
+    d = v - v.mean()
+    kurtosis = (d ** 4).mean() / (d ** 2).mean() ** 2
+    return v.std() * torch.sqrt((kurtosis - 1) / (4 * len(v)))
+
+
+@needs_cifar
+def test_views_on_disk_follow_the_pil_recipe_in_distribution(tmp_path, one_thread):
+    # 600 simclr views of 100 real CIFAR-10 images enlarged to 160 px with grain (std 16 levels,
+    # a texture that blur removes), 128 px views (a blur kernel of 13 taps, +-3 sigma at sigma
+    # 2), made by data.Views on disk and by the per-image PIL recipe data.simclr_transform from
+    # the same keys: the same crops (the first draws of an image's stream), independent colour
+    # draws. Every comparison allows 4 standard errors, estimated from the two samples (here all
+    # within 1): a deterministic test (fixed keys) that a change of keys or of platform floats
+    # does not tip, which still sees the views without their blur (13 standard errors off) or
+    # with half the jitter strength (16). PIL rounds to uint8 after each step and blurs with
+    # three box filters (GaussianBlur): differences far below that.
+    rng = np.random.default_rng(0)
+    for cls in sorted(os.listdir(os.path.join(CIFAR10, "test"))):
+        os.makedirs(tmp_path / cls)
+        for name in sorted(os.listdir(os.path.join(CIFAR10, "test", cls)))[:10]:
+            image = data.read_image(os.path.join(CIFAR10, "test", cls, name))
+            pixels = (np.asarray(image.resize((160, 160), Image.BICUBIC))
+                      + rng.normal(0, 16, (160, 160, 3)))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                tmp_path / cls / f"{name}.png")
+    folder = torchvision.datasets.ImageFolder(tmp_path, loader=data.read_image)
+    n, keys, mean_std = len(folder), [(k, 0) for k in range(6)], data.MEAN_STD["imagenet"]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in mean_std)
+
+    def per_image(transform):                  # uint8 views of every image for every key
+        items = data.Transformed(folder, transform)
+        return torch.stack([items[(i, key, None, 1)][0] for key in keys for i in range(n)])
+
+    def batched(views):                        # the same order, in [0, 1]
+        return torch.cat([x * std + mean for key in keys for x, _, _ in views.batches(
+            torch.arange(n).split(50), "simclr", key=key)])
+
+    crops = per_image(data.crop_flip_transform(128)).float() / 255         # the views' inputs
+    luma = lambda v: data._gray(v)[:, 0]
+    log_ratio = lambda a, b: (a / b.clamp(min=1e-3)).log()
+    roughness = lambda v: ((v[..., 1:] - v[..., :-1]).abs().mean((1, 2, 3))
+                           / v.std((1, 2, 3)).clamp(min=1e-3))
+
+    def measure(v):                            # views in [0, 1] -> {name: per view [N] or [N, 3]}
+        z = (v - mean) / std
+        return {"mean": z.mean((2, 3)), "std": z.std((2, 3)),
+                # channels equal (within the float error of undoing the normalisation)
+                "gray": ((v[:, 0] - v[:, 1]).abs() + (v[:, 1] - v[:, 2]).abs()).amax((1, 2)) < 1e-4,
+                # blur: the mean absolute horizontal gradient over the view's std (which
+                # brightness and contrast scale alike), against its crop's
+                "smoothing": roughness(v) / roughness(crops),
+                # the jitter's strength: how much the luma's mean and std move from the crop's
+                "brightness": log_ratio(luma(v).mean((1, 2)), luma(crops).mean((1, 2))),
+                "contrast": log_ratio(luma(v).std((1, 2)), luma(crops).std((1, 2)))}
+
+    pil = measure(per_image(data.simclr_transform(128, 1.0)).float() / 255)
+    ours = data.Views(folder, 128, mean_std, jitter=1.0)
+    arms = {"ours": measure(batched(ours))}
+    ours.augment.blur_kernel = None
+    arms["no blur"] = measure(batched(ours))
+    arms["half the jitter"] = measure(batched(data.Views(folder, 128, mean_std, jitter=0.5)))
+
+    def standard_errors_off(arm, name, spread=False):
+        a, b = arms[arm][name].float(), pil[name].float()
+        if spread:                             # the std over views
+            return ((a.std(0) - b.std(0)) / torch.hypot(_sample_std_se(a), _sample_std_se(b)))
+        return (a.mean(0) - b.mean(0)) / torch.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
+
+    N = len(crops)
+    for name in ("mean", "std", "smoothing"):
+        assert standard_errors_off("ours", name).abs().max() < 4, name
+    for name in ("brightness", "contrast"):
+        assert abs(standard_errors_off("ours", name, spread=True)) < 4, name
+    for gray in (arms["ours"]["gray"], pil["gray"]):             # p 0.2 each, binomial
+        assert abs(gray.float().mean() - 0.2) < 4 * math.sqrt(0.2 * 0.8 / N)
+    # The comparisons can tell: without the blur, and with half the jitter.
+    assert standard_errors_off("no blur", "smoothing") > 4
+    assert all(standard_errors_off("half the jitter", name, spread=True) < -4
+               for name in ("brightness", "contrast"))
 
 
 def _gaussian_blur_numpy(image, sigma):
@@ -2870,3 +3007,88 @@ def test_batch_augment_output():
     assert (a.shape == (16, 3, 24, 24) and a.dtype == torch.float32
             and torch.equal(a, b))    # reproducible
     assert not torch.equal(a, augment(images, torch.Generator().manual_seed(2)))
+
+
+def _shift_hue_before(x, shift):
+    """data._shift_hue as it was before it dropped torch.where, max(1)'s indices and %."""
+    r, g, b = x.unbind(1)
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hue = torch.stack([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1).gather(
+        1, argmax[:, None])[:, 0]
+    hue = torch.where(delta > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
+                      torch.zeros_like(maxc))
+    n = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = (n + 6 * hue[:, None]) % 6
+    return maxc[:, None] - (maxc * sat)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _batch_augment_before(images, generator, size, mean_std, strength):
+    """BatchAugment.__call__ as it was before crop and colour were split and made faster (commit
+    c9d87b2), with the parts that did not change (crop_boxes, crop_resize, _gray) called."""
+    B, H, W, _ = images.shape
+    augment = data.BatchAugment(size, mean_std, strength)
+    x = data.crop_resize(images.permute(0, 3, 1, 2).float().div_(255),
+                         augment.crop_boxes(B, H, W, generator), size)
+    flip = torch.rand(B, generator=generator) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    bri, con, sat, hue = augment.jitter
+    apply = torch.rand(B, generator=generator) < 0.8
+    factors = torch.stack([torch.empty(B).uniform_(1 - bri, 1 + bri, generator=generator),
+                           torch.empty(B).uniform_(1 - con, 1 + con, generator=generator),
+                           torch.empty(B).uniform_(1 - sat, 1 + sat, generator=generator),
+                           torch.empty(B).uniform_(-hue, hue, generator=generator)], 1)
+    order = torch.rand(B, 4, generator=generator).argsort(1)
+    for step in range(4):
+        for op in range(4):
+            idx = torch.nonzero(apply & (order[:, step] == op))[:, 0]
+            if len(idx) == 0:
+                continue
+            v, f = x[idx], factors[idx, op].view(-1, 1, 1, 1)
+            if op == 0:
+                v = v * f
+            elif op == 1:
+                v = f * v + (1 - f) * data._gray(v).mean((2, 3), keepdim=True)
+            elif op == 2:
+                v = f * v + (1 - f) * data._gray(v)
+            else:
+                v = _shift_hue_before(v, factors[idx, op])
+            x[idx] = v.clamp_(0, 1)
+    gray = (torch.rand(B, generator=generator) < 0.2).view(-1, 1, 1, 1)
+    x = torch.where(gray, data._gray(x).expand_as(x), x)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in mean_std)
+    return (x - mean) / std
+
+
+def test_batch_augment_gives_the_views_it_gave_before_its_split():
+    # The in-memory (CIFAR) views, bit for bit those of the code before BatchAugment was split
+    # into crop and colour and its hue, jitter and grayscale made faster: directly, and through
+    # Views with a key tuple (batch b from seeded_generator(*key, b)). Images of few levels tie
+    # channels often, where the hue's sextant must come from the first maximal channel.
+    g = torch.Generator().manual_seed(0)
+    mean_std = data.MEAN_STD["cifar10"]
+    for case, (B, H, size, strength) in enumerate([(1, 32, 32, 0.5), (16, 32, 32, 0.5),
+                                                   (64, 24, 28, 1.0), (7, 40, 32, 0.25)]):
+        images = torch.randint(0, 256, (B, H, H, 3), dtype=torch.uint8, generator=g)
+        if case % 2:
+            images = images // 64 * 85                                     # levels 0, 85, 170, 255
+        stream = lambda: torch.Generator().manual_seed(case)
+        assert torch.equal(data.BatchAugment(size, mean_std, strength)(images, stream()),
+                           _batch_augment_before(images, stream(), size, mean_std, strength)), case
+    x = torch.rand(6, 3, 9, 9, generator=g)
+    x[:, :, :3] = (x[:, :, :3] * 2).round() / 2                            # ties, 0 and 1
+    for shift in (torch.zeros(6), torch.linspace(-0.5, 0.5, 6)):
+        assert torch.equal(data._shift_hue(x, shift), _shift_hue_before(x, shift))
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=g)
+    dataset = data.InMemoryImages(images, torch.zeros(40, dtype=torch.int64), ["a"], *mean_std)
+    batches = [torch.randperm(40, generator=g)[:16] for _ in range(3)]
+    views = data.Views(dataset, 32, mean_std, jitter=0.5)
+    for b, ((x1, x2), _, idx) in enumerate(views.batches(batches, "simclr", key=(1, 0, 2, 0),
+                                                         copies=2, start=5), 5):
+        stream = data.seeded_generator(1, 0, 2, 0, b)
+        for x in (x1, x2):
+            assert torch.equal(x, _batch_augment_before(images[idx], stream, 32, mean_std, 0.5))
