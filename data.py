@@ -83,7 +83,8 @@ def _decode(path):
 
 def _folder_to_memory(folder, workers):
     tree = torchvision.datasets.ImageFolder(folder, loader=read_image)
-    with ThreadPoolExecutor(max(1, workers)) as pool:        # PIL decodes without the GIL
+    # PIL decodes without the GIL; the rank itself is idle meanwhile, so it decodes too.
+    with ThreadPoolExecutor(max(1, workers + 1)) as pool:
         arrays = list(pool.map(_decode, [path for path, _ in tree.samples], chunksize=256))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:

@@ -52,7 +52,7 @@ def get_args(argv=None):
                    help="default: the checkpoint's; required for a plain state dict")
     p.add_argument("--data", default="./data", help="dataset root (README, 'Flags and outputs')")
     p.add_argument("--out",
-                   help="JSONL file, or a folder for linear_eval.jsonl, to append the result to")
+                   help=".jsonl file, or a folder for linear_eval.jsonl, to append the result to")
     p.add_argument("--epochs", type=int, help="default 100 on CIFAR, 90 otherwise")
     p.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch")
     p.add_argument("--lr", type=float, default=0.1, help="base lr, scaled by batch/256")
@@ -64,10 +64,9 @@ def get_args(argv=None):
                    help="only the weighted kNN top-1 (no linear probe)")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
-    p.add_argument("--export", metavar="PATH",
-                   help="write the encoder as a torchvision state dict and stop")
-    p.add_argument("--force", action="store_true",
-                   help="let --export replace an existing file (a checkpoint included)")
+    p.add_argument("--export", metavar="PATH", help="write the encoder as a torchvision state "
+                   "dict and stop; an existing file only with --force")
+    p.add_argument("--force", action="store_true", help="let --export replace an existing file")
     p.add_argument("--subset", type=int, default=0,
                    help="a fixed random subset of N training images")
     p.add_argument("--test-subset", type=int, default=0,

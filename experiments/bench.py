@@ -342,25 +342,9 @@ def torchvision_simclr(size, strength, mean_std):
         T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(*mean_std)])
 
 
-def jpeg_folder(root, n, seed=0):
-    """An ImageFolder tree of n JPEGs (quality 90) with sides drawn from 256-400 px: CIFAR-10 test
-    images enlarged when ../shared/data/cifar10 is there, else enlarged noise, with grain (std 16
-    levels) for some 3.6 bits per pixel (ImageNet's average file, ~110 kB at ~470 x 390 px, has
-    ~4.8), so that decoding costs what it costs on photographs. Returns (tree, from CIFAR-10)."""
-    rng = np.random.default_rng(seed)
-    sources = None
-    if os.path.isdir(os.path.join(CIFAR10, "test")):
-        samples = torchvision.datasets.ImageFolder(os.path.join(CIFAR10, "test")).samples
-        sources = [samples[i][0] for i in rng.choice(len(samples), n, replace=False)]
-    os.makedirs(os.path.join(root, "c0"))
-    for i in range(n):
-        small = (data.read_image(sources[i]) if sources else
-                 data.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
-        w, h = (int(v) for v in rng.integers(256, 401, 2))
-        pixels = np.asarray(small.resize((w, h), data.Image.BICUBIC)) + rng.normal(0, 16, (h, w, 3))
-        data.Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
-            os.path.join(root, "c0", f"{i}.jpg"), quality=90)
-    return torchvision.datasets.ImageFolder(root, loader=data.read_image), sources is not None
+def jpeg_folder(root, n):
+    """data.synthetic_jpegs of CIFAR-10's test images, when ../shared/data/cifar10 is there."""
+    return data.synthetic_jpegs(root, n, sources=os.path.join(CIFAR10, "test"))
 
 
 def view_steps_ms(folder, mean_std):
@@ -395,7 +379,7 @@ def view_steps_ms(folder, mean_std):
     return best
 
 
-def views_disk_child(repeat):
+def views_disk_child(repeat, n=96):
     """views_disk in this fresh process, which keeps glibc's allocator as a DataLoader worker and a
     training process have it. bench.py's own process fixes a 64 KiB mmap threshold for its memory
     measures (_track_cpu_memory): every larger tensor is then a fresh mapping, zeroed page by page
@@ -404,7 +388,7 @@ def views_disk_child(repeat):
     block freed, up to 32 MiB). One thread: the workers' part and the batched part both run here,
     on one core."""
     torch.set_num_threads(1)
-    mean_std, n = data.MEAN_STD["imagenet"], 96
+    mean_std = data.MEAN_STD["imagenet"]
     with tempfile.TemporaryDirectory() as root:
         folder, real = jpeg_folder(root, n)
         batches = torch.arange(n).split(32)
@@ -427,11 +411,12 @@ def views_disk_child(repeat):
                       "ms_per_image_step": steps}))
 
 
-def bench_views_disk(device, repeat):
+def bench_views_disk(device, repeat, images=96):
     print("== views_disk: SimCLR views / s on one core from 256-400 px JPEGs, data.Views / "
           "torchvision's PIL recipe (target >= 3)")
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "views_disk",
-                           "--repeat", str(repeat)], capture_output=True, text=True)
+                           "--repeat", str(repeat), "--images", str(images)],
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"views_disk failed: {done.stderr[-2000:]}")
     print(done.stdout.strip().splitlines()[-1])
@@ -607,10 +592,10 @@ class _Pooled(torch.nn.Module):
         return x.mean((2, 3)), x.mean((2, 3))
 
 
-def bench_probe_disk(device, repeat):
+def bench_probe_disk(device, repeat, images=512):
     print("== probe_disk: the Fig. 2b probe's views on disk (256-400 px JPEGs, 224 px views, all "
           "cores as DataLoader workers), in one batch / in batches of 64 (the wait of the others)")
-    n, workers = 512, max(1, runtime.node_threads())
+    n, workers = images, max(1, runtime.node_threads())
     with tempfile.TemporaryDirectory() as root:
         folder, _ = jpeg_folder(root, n)
         views = data.Views(folder, 224, data.MEAN_STD["imagenet"], jitter=1.0, workers=workers)
@@ -641,11 +626,13 @@ def main():
                         help="cluster_scale: rows of the feature bank")
     parser.add_argument("--cluster-iters", type=int, default=20,
                         help="cluster_scale: k-means iterations")
+    parser.add_argument("--images", type=int,
+                        help="views_disk, probe_disk: JPEGs to make (default 96, 512)")
     parser.add_argument("--child", choices=("idle", "before", "after", "views_disk"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "views_disk":
-        return views_disk_child(args.repeat)
+        return views_disk_child(args.repeat, args.images or 96)
     if args.child:
         return cluster_child(args.child, args.cluster_n, args.cluster_iters)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -659,6 +646,8 @@ def main():
     for name in args.only.split(","):
         extra = ({"n": args.cluster_n, "niter": args.cluster_iters} if name == "cluster_scale"
                  else {})
+        if name in ("views_disk", "probe_disk") and args.images:
+            extra = {"images": args.images}
         SECTIONS[name](device, args.repeat, **extra)
 
 
