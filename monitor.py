@@ -144,8 +144,9 @@ def similarity_probe(model, views, targets, device, size=2048, batch=128):
     (sim_tp, ...), as the paper, and on the encoder features h that Eq. 3-4 and the linear probe
     read (sim_tp_h, ...). A kind of pair that the set lacks (two classes in a one-class dataset)
     gives None. On disk the views come in batches of `batch` images that the DataLoader workers
-    share (the views are a function of the key and the image, not of the batching); all of them
-    in one batch would be one worker's, 25-40 s at 224 px while the other ranks wait."""
+    share (all of them in one batch would be one worker's, 25-40 s at 224 px while the other ranks
+    wait); each image's crop is a function of the key and the image, each batch's colouring of the
+    key and the batch, so the views are the same at every call, whatever the workers."""
     g = torch.Generator().manual_seed(4321)
     idx = torch.randperm(len(targets), generator=g)[:size].sort().values
     targets = targets[idx].to(device)

@@ -261,7 +261,8 @@ def kmeans(args, device):
     line.update({f"{b}_objective": round(s["objective"], 1) for b, (_, s) in results.items()})
     if len(results) == 2:
         line["nmi"] = round(monitor.nmi(results["torch"][0], results["faiss"][0]), 4)
-        line["torch_over_faiss"] = round(line["torch_seconds"] / line["faiss_seconds"], 3)
+        seconds = {b: s["seconds"] for b, (_, s) in results.items()}
+        line["torch_over_faiss"] = round(seconds["torch"] / max(seconds["faiss"], 1e-9), 3)
     emit("kmeans", n=N, d=256, k=K, iterations=args.kmeans_iters, device=str(device),
          torch_backend=results["torch"][1]["backend"], cores=runtime.node_threads(), **line)
 
