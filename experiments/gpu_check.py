@@ -317,7 +317,7 @@ def pipeline(args, device):
 def decode(args, device):
     """experiments/bench.py --only views_disk,probe_disk as a child: its JSON lines re-emitted."""
     done = run([sys.executable, os.path.join(HERE, "bench.py"), "--only",
-                "views_disk,probe_disk", "--repeat", "2" if args.smoke else "6"]
+                "views_disk,probe_disk", "--repeat", "1" if args.smoke else "6"]
                + (["--images", "16"] if args.smoke else []))
     for line in done.stdout.splitlines():
         if line.startswith("{"):
