@@ -445,7 +445,9 @@ TRAIN_VIEWS, CLUSTER_VIEWS, PROTO_HEADS, PROBE_VIEWS = range(4)
 def seeded_generator(*keys):
     """A CPU torch.Generator for the random stream named by integers, e.g. (seed, TRAIN_VIEWS,
     epoch, rank). Distinct tuples give unrelated streams (numpy's SeedSequence hashes them),
-    where a formula such as seed * A + epoch * B + rank repeats one as soon as rank >= B."""
+    where a formula such as seed * A + epoch * B + rank repeats one as soon as rank >= B; but
+    SeedSequence ignores trailing zero words, so (5,) and (5, 0) name one stream: keys of one use
+    have one length, and keys of different uses differ in their stream name (TRAIN_VIEWS, ...)."""
     entropy = [int(k) % 2**64 for k in keys]          # SeedSequence takes non-negative words
     state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
