@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models import ARCHS, build_encoder
+import runtime
 from runtime import Refusal
 
 # Format 2: the prototype heads have an optimiser of their own (format 1 had them inside LARS).
@@ -231,7 +232,7 @@ def find(out, config, fork_from, world, device):
                           f"{-int(epochs[1])} to {int(epochs[0])}): put --out on a filesystem "
                           "shared by all nodes")
     metrics = os.path.join(out, "metrics.jsonl")
-    if ckpt and _rank() == 0:
+    if ckpt and runtime.rank_world()[0] == 0:
         if forked:
             copy_metrics(os.path.join(os.path.dirname(fork_from), "metrics.jsonl"), metrics,
                          ckpt["epoch"])
@@ -313,10 +314,6 @@ def restore(ckpt, training, forked):
                   f"checkpoint's last step to {training.lr(done * len(training.sampler)):.4g} now")
     clustered = (saved["w_metric_on"] or saved["w_proto_on"]) and done > saved["proto_start_epoch"]
     return ckpt["assignments"] if clustered and not forked else None
-
-
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def save(out, training, epoch, assignments, stats, partial=None):
