@@ -273,11 +273,10 @@ def torch_kmeans(x, k, seed=0, niter=20, chunk_bytes=1 << 28):
     g = torch.Generator().manual_seed(seed)
     rows = max(1, chunk_bytes // (8 * k))
 
-    def nearest(centroids):                                       # assignments, distances [N]
+    def nearest(centroids):              # assignments, squared distances less |x|^2 [N]
         norms = (centroids * centroids).sum(1)
         best = [torch.addmm(norms, part, centroids.T, alpha=-2).min(1) for part in x.split(rows)]
-        distances = torch.cat([b.values for b in best]) + (x * x).sum(1)
-        return torch.cat([b.indices for b in best]), distances.clamp_min_(0)
+        return torch.cat([b.indices for b in best]), torch.cat([b.values for b in best])
 
     centroids = x[torch.randperm(len(x), generator=g)[:k].to(x.device)].clone()   # k x d
     for _ in range(niter):
@@ -295,7 +294,7 @@ def torch_kmeans(x, k, seed=0, niter=20, chunk_bytes=1 << 28):
             sizes[empty] = sizes[split] // 2
             sizes[split] -= sizes[empty]
     assignments, distances = nearest(centroids)
-    return assignments, centroids, distances
+    return assignments, centroids, (distances + (x * x).sum(1)).clamp_min_(0)
 
 
 def distributed_kmeans(features, ks, num_samples, indices=None, seed=0, niter=20, pca_dim=256,
