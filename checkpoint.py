@@ -25,8 +25,7 @@ import torch
 import torch.distributed as dist
 
 from models import ARCHS, build_encoder
-import runtime
-from runtime import Refusal
+from runtime import Refusal, rank_world
 
 # Format 2: the prototype heads have an optimiser of their own (format 1 had them inside LARS).
 FORMAT = 2
@@ -232,7 +231,7 @@ def find(out, config, fork_from, world, device):
                           f"{-int(epochs[1])} to {int(epochs[0])}): put --out on a filesystem "
                           "shared by all nodes")
     metrics = os.path.join(out, "metrics.jsonl")
-    if ckpt and runtime.rank_world()[0] == 0:
+    if ckpt and rank_world()[0] == 0:
         if forked:
             copy_metrics(os.path.join(os.path.dirname(fork_from), "metrics.jsonl"), metrics,
                          ckpt["epoch"])
